@@ -1,0 +1,105 @@
+"""The one dispatch point: which implementation runs each op, and why.
+
+Every op registers a *chooser* here; the model asks ``choose(op, device, backend)`` once per
+call and runs what it says. ``python -m mae_fast.info`` prints the same choices, so what a user
+reads there is what runs.
+
+``backend`` (the model's keyword):
+  * ``"reference"`` - the pure-PyTorch oracle (``mae_fast.reference``) for every op;
+  * ``"fast"``      - the fused implementation, or a ``RuntimeError`` saying why it cannot run;
+  * ``"auto"``      - the fused implementation where it runs on that device, else the reference.
+"""
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+
+BACKENDS = ("auto", "reference", "fast")
+
+
+@dataclass(frozen=True)
+class Choice:
+    op: str
+    impl: str  # e.g. "reference", "triton", "c++", "sdpa"
+    reason: str
+
+
+# op -> (fast impl name, probe(device) -> (runs: bool, reason: str))
+_FAST: Dict[str, Tuple[str, Callable[[torch.device], Tuple[bool, str]]]] = {}
+# op -> full chooser(device, backend) -> Choice, for ops with more than two paths (attention)
+_CHOOSERS: Dict[str, Callable[[torch.device, str], Choice]] = {}
+
+
+def register_fast(op: str, impl: str, probe: Callable[[torch.device], Tuple[bool, str]]) -> None:
+    """Declare that ``op`` has a fused implementation ``impl`` that runs where ``probe`` says."""
+    _FAST[op] = (impl, probe)
+    _cached_choice.cache_clear()
+
+
+def register_chooser(op: str, chooser: Callable[[torch.device, str], Choice]) -> None:
+    _CHOOSERS[op] = chooser
+    _cached_choice.cache_clear()
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_probe(device: torch.device) -> Tuple[bool, str]:
+    """Where a Triton kernel runs: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return False, f"triton is not importable ({type(e).__name__}: {e})"
+    if device.type == "cuda":
+        return True, "CUDA tensors and triton is importable"
+    if device.type == "cpu" and triton_interpreting():
+        return True, "TRITON_INTERPRET=1 runs the Triton kernel on CPU (slow; for tests)"
+    return False, f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
+
+
+def ops() -> Tuple[str, ...]:
+    _load_all()
+    return tuple(sorted(set(_FAST) | set(_CHOOSERS)))
+
+
+def choose(op: str, device, backend: str = "auto") -> Choice:
+    """The implementation that runs ``op`` on tensors of ``device`` for this ``backend``."""
+    device = torch.device(device)
+    _load_all()
+    if op not in _CHOOSERS:  # choosers (attention) take their own backend names
+        check_backend(backend)
+    # env switches that change the answer are part of the cache key
+    env = (os.environ.get("TRITON_INTERPRET"), os.environ.get("MAE_FAST_ATTN"))
+    return _cached_choice(op, device.type, backend, env)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_choice(op, device_type, backend, _env) -> Choice:
+    device = torch.device(device_type)
+    if op in _CHOOSERS:
+        return _CHOOSERS[op](device, backend)
+    if op not in _FAST:
+        raise KeyError(f"unknown op {op!r}; known: {sorted(set(_FAST) | set(_CHOOSERS))}")
+    if backend == "reference":
+        return Choice(op, "reference", "backend='reference' asked for")
+    impl, probe = _FAST[op]
+    runs, why = probe(device)
+    if runs:
+        return Choice(op, impl, why)
+    if backend == "fast":
+        raise RuntimeError(f"backend='fast': {op} cannot run {impl} on {device_type}: {why}")
+    return Choice(op, "reference", f"{impl} unavailable: {why}")
+
+
+def _load_all() -> None:
+    # importing the op modules registers them
+    from . import ops as _ops  # noqa: F401

@@ -1,0 +1,84 @@
+"""ViT building blocks with timm's module and parameter names (so official MAE checkpoints load
+unchanged) and no timm dependency. Attention goes through ``mae_fast.attention.attend``."""
+import torch
+import torch.nn as nn
+
+from .attention import attend
+
+
+def to_2tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch embedding: (N, C, H, W) -> (N, L, D), L = (H/p) * (W/p)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        img_size, patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+        if patch_size[0] != patch_size[1]:
+            raise ValueError(f"MAE needs square patches, got {patch_size}")
+        for side, p in zip(img_size, patch_size):
+            if side % p != 0:
+                raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size[0]}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # NCHW -> NLC
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if attn_drop != 0.0:
+            raise ValueError("MAE uses no attention dropout; attn_drop must be 0")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.backend = "auto"  # attention backend; the model sets it (see mae_fast.attention)
+
+    def forward(self, x, return_attn: bool = False):
+        qkv = self.qkv(x)  # (B, M, 3*C)
+        out = attend(qkv, self.num_heads, self.scale, backend=self.backend, return_attn=return_attn)
+        x, attn = out if return_attn else (out, None)
+        x = self.proj_drop(self.proj(x))  # (B, M, C)
+        return (x, attn) if return_attn else x
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x

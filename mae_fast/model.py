@@ -1,0 +1,283 @@
+"""MaskedAutoencoderViT: a drop-in for facebookresearch/mae ``models_mae.py``.
+
+Same constructor, same methods, same ``forward(imgs, mask_ratio=0.75) -> (loss, pred, mask)``,
+same state_dict keys. The memory-bound glue (encoder input, decoder input, loss) goes through
+``mae_fast.ops``, whose backends are chosen by ``mae_fast.backends``; ``backend="reference"``
+runs the official math everywhere.
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from . import ops, reference
+from .backends import check_backend, choose
+from .layers import Block, PatchEmbed, to_2tuple
+from .pos_embed import get_2d_sincos_pos_embed
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """Masked Autoencoder with VisionTransformer backbone"""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3,
+                 embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
+                 *, backend="auto", attn_backend=None):
+        super().__init__()
+        self.backend = check_backend(backend)
+        # --------------------------------------------------------------------------
+        # MAE encoder specifics
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)  # fixed sin-cos embedding
+
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, qk_scale=None, norm_layer=norm_layer)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        # --------------------------------------------------------------------------
+
+        # --------------------------------------------------------------------------
+        # MAE decoder specifics
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)  # fixed sin-cos embedding
+
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, qk_scale=None, norm_layer=norm_layer)
+            for i in range(decoder_depth)])
+
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)  # decoder to patch
+        # --------------------------------------------------------------------------
+
+        self.norm_pix_loss = norm_pix_loss
+        self.set_attn_backend(attn_backend)
+        self.initialize_weights()
+
+    def set_attn_backend(self, attn_backend=None):
+        """Attention backend of every block (see ``mae_fast.attention``); None follows ``backend``."""
+        if attn_backend is None:
+            attn_backend = "math" if self.backend == "reference" else "auto"
+        self.attn_backend = attn_backend
+        for blk in list(self.blocks) + list(self.decoder_blocks):
+            blk.attn.backend = attn_backend
+
+    def initialize_weights(self):
+        # initialization
+        # initialize (and freeze) pos_embed by sin-cos embedding
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.patch_embed.grid_size, cls_token=True)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+        decoder_pos_embed = get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.patch_embed.grid_size, cls_token=True)
+        self.decoder_pos_embed.data.copy_(torch.from_numpy(decoder_pos_embed).float().unsqueeze(0))
+
+        # initialize patch_embed like nn.Linear (instead of nn.Conv2d)
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+
+        # timm's trunc_normal_(std=.02) is effectively normal_(std=0.02) as cutoff is too big (2.)
+        torch.nn.init.normal_(self.cls_token, std=.02)
+        torch.nn.init.normal_(self.mask_token, std=.02)
+
+        # initialize nn.Linear and nn.LayerNorm
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            # we use xavier_uniform following official JAX ViT:
+            torch.nn.init.xavier_uniform_(m.weight)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    # ------------------------------------------------------------------------------
+    # shapes
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def in_chans(self) -> int:
+        return self.patch_embed.in_chans
+
+    def patchify(self, imgs):
+        """
+        imgs: (N, C, H, W)
+        x: (N, L, patch_size**2 *C)
+        """
+        self._check_imgs(imgs)
+        return reference.patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x):
+        """
+        x: (N, L, patch_size**2 *C)
+        imgs: (N, C, H, W)
+        """
+        p, c = self.patch_size, self.in_chans
+        if x.dim() != 3 or x.shape[1] != self.patch_embed.num_patches or x.shape[2] != p * p * c:
+            raise ValueError(f"unpatchify expects (N, {self.patch_embed.num_patches}, {p * p * c}), got {tuple(x.shape)}")
+        return reference.unpatchify(x, p, self.patch_embed.grid_size, c)
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """
+        Perform per-sample random masking by per-sample shuffling.
+        Per-sample shuffling is done by argsort random noise.
+        x: [N, L, D], sequence
+        noise: [N, L] or None (then drawn with torch.rand as the official)
+        """
+        N, L, D = x.shape  # batch, length, dim
+        len_keep = self._len_keep(L, mask_ratio)
+        noise = self._noise(noise, N, L, x.device)
+        ids_keep, ids_restore, mask = ops.masking_indices(noise, len_keep)
+        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+        return x_masked, mask, ids_restore
+
+    def forward_encoder(self, x, mask_ratio, noise=None):
+        """
+        x: imgs (N, C, H, W)
+        returns latent (N, 1+len_keep, D), mask (N, L), ids_restore (N, L)
+        """
+        self._check_imgs(x)
+        N, L = x.shape[0], self.patch_embed.num_patches
+        len_keep = self._len_keep(L, mask_ratio)
+        noise = self._noise(noise, N, L, x.device)
+        # masking indices once per step, shared by every op below
+        ids_keep, ids_restore, mask = ops.masking_indices(noise, len_keep)
+
+        # embed patches, add pos embed, keep the unmasked ones, append cls token
+        x = ops.patch_embed_masked(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
+                                   self.pos_embed, self.cls_token, ids_keep, backend=self.backend)
+
+        # apply Transformer blocks
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+
+        return x, mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore):
+        # embed tokens
+        x = self.decoder_embed(x)
+
+        # append mask tokens to sequence, unshuffle, add pos embed
+        x = ops.unshuffle(x, self.mask_token, ids_restore, self.decoder_pos_embed, backend=self.backend)
+
+        # apply Transformer blocks
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+
+        # predictor projection
+        x = self.decoder_pred(x)
+
+        # remove cls token
+        x = x[:, 1:, :]
+
+        return x
+
+    def forward_loss(self, imgs, pred, mask):
+        """
+        imgs: [N, C, H, W]
+        pred: [N, L, p*p*C]
+        mask: [N, L], 0 is keep, 1 is remove,
+        """
+        return ops.masked_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss, backend=self.backend)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+    # ------------------------------------------------------------------------------
+    # what runs, and input checks (clear errors, never a silent wrong answer)
+    def backend_choices(self, device=None):
+        """{op: Choice} for tensors on ``device`` (default: where the parameters live)."""
+        device = device if device is not None else self.cls_token.device
+        choices = {op: choose(op, device, self.backend) for op in ("patch_embed_masked", "unshuffle", "masked_loss")}
+        choices["attention"] = choose("attention", device, self.attn_backend)
+        return choices
+
+    def _check_imgs(self, imgs):
+        if not isinstance(imgs, torch.Tensor):
+            raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
+        if imgs.dim() != 4:
+            raise ValueError(f"imgs must be (N, C, H, W), got shape {tuple(imgs.shape)}")
+        if not imgs.is_floating_point():
+            raise TypeError(f"imgs must be a floating-point tensor, got {imgs.dtype}")
+        C, H, W = imgs.shape[1:]
+        if C != self.in_chans:
+            raise ValueError(f"imgs have {C} channels, the model was built with in_chans={self.in_chans}")
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        if (H, W) != tuple(self.patch_embed.img_size):
+            raise ValueError(f"image size {H}x{W} does not match img_size {tuple(self.patch_embed.img_size)}")
+        if imgs.dtype != self.cls_token.dtype and not torch.is_autocast_enabled(imgs.device.type):
+            raise TypeError(f"imgs dtype {imgs.dtype} does not match the model's {self.cls_token.dtype} "
+                            "(cast the model or the images, or use torch.autocast)")
+        if imgs.device != self.cls_token.device:
+            raise ValueError(f"imgs are on {imgs.device}, the model on {self.cls_token.device}")
+
+    @staticmethod
+    def _len_keep(L, mask_ratio):
+        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+            raise TypeError(f"mask_ratio must be a float in [0, 1), got {mask_ratio!r}")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        len_keep = reference.num_keep(L, mask_ratio)
+        if len_keep < 1:
+            raise ValueError(f"mask_ratio={mask_ratio} keeps no patch out of {L}")
+        return len_keep
+
+    @staticmethod
+    def _noise(noise, N, L, device):
+        if noise is None:
+            return torch.rand(N, L, device=device)  # noise in [0, 1]
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+        if tuple(noise.shape) != (N, L):
+            raise ValueError(f"noise must have shape (N, L) = ({N}, {L}), got {tuple(noise.shape)}")
+        if not noise.is_floating_point():
+            raise TypeError(f"noise must be floating point, got {noise.dtype}")
+        if noise.device != device:
+            raise ValueError(f"noise is on {noise.device}, imgs on {device}")
+        return noise
+
+
+def mae_vit_base_patch16_dec512d8b(**kwargs):
+    model = MaskedAutoencoderViT(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    return model
+
+
+def mae_vit_large_patch16_dec512d8b(**kwargs):
+    model = MaskedAutoencoderViT(
+        patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    return model
+
+
+def mae_vit_huge_patch14_dec512d8b(**kwargs):
+    model = MaskedAutoencoderViT(
+        patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    return model
+
+
+# set recommended archs
+mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
+mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
+mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b  # decoder: 512 dim, 8 blocks

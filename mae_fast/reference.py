@@ -1,0 +1,98 @@
+"""The pure-PyTorch oracle: exactly what facebookresearch/mae ``models_mae.py`` computes, op by op.
+
+Every fast backend (Triton, C++/CUDA, fused attention) is tested against these functions.
+They are written the way the official code writes them (same op sequence, same names), only
+generalised to ``in_chans != 3`` and non-square images. Keep them short and obviously official.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """imgs: (N, C, H, W) -> x: (N, L, p*p*C), element order (h, w, p, q, c) as the official."""
+    N, C, H, W = imgs.shape
+    p = patch_size
+    h, w = H // p, W // p
+    x = imgs.reshape(N, C, h, p, w, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(N, h * w, p * p * C)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid_size, in_chans: int) -> torch.Tensor:
+    """x: (N, L, p*p*C) -> imgs: (N, C, H, W); grid_size = (h, w) patches."""
+    p = patch_size
+    h, w = grid_size
+    N = x.shape[0]
+    x = x.reshape(N, h, w, p, p, in_chans)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(N, in_chans, h * p, w * p)
+
+
+def num_keep(num_patches: int, mask_ratio: float) -> int:
+    """len_keep exactly as the official: int(L * (1 - mask_ratio))."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def masking_indices(noise: torch.Tensor, len_keep: int):
+    """The official random_masking's index math, driven by ``noise`` (N, L).
+
+    Returns ids_keep (N, len_keep), ids_restore (N, L), mask (N, L) with 1 = removed
+    (mask in the default float dtype, as ``torch.ones`` gives it in the official code).
+    """
+    N, L = noise.shape
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascend: small is keep, large is remove
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones([N, L], device=noise.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return ids_keep, ids_restore, mask
+
+
+def patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep):
+    """Encoder input, official order: embed every patch -> + pos -> gather kept -> prepend cls.
+
+    imgs (N, C, H, W); weight (D, C, p, p); bias (D,); pos_embed (1, 1+L, D);
+    cls_token (1, 1, D); ids_keep (N, K) -> x (N, 1+K, D)
+    """
+    p = weight.shape[-1]
+    x = F.conv2d(imgs, weight, bias, stride=p).flatten(2).transpose(1, 2)  # (N, L, D)
+    x = x + pos_embed[:, 1:, :]
+    D = x.shape[-1]
+    x = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))  # (N, K, D)
+    cls_tokens = (cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+    return torch.cat((cls_tokens, x), dim=1)
+
+
+def unshuffle(x, mask_token, ids_restore, pos_embed=None):
+    """Decoder input, official order: append mask tokens -> unshuffle -> re-attach cls -> + pos.
+
+    x (N, 1+K, D) decoder-embedded latent with its cls row; mask_token (1, 1, D);
+    ids_restore (N, L); pos_embed (1, 1+L, D) or None -> (N, 1+L, D)
+    """
+    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # no cls token
+    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1, :], x_], dim=1)  # append cls token
+    if pos_embed is not None:
+        x = x + pos_embed
+    return x
+
+
+def masked_loss(imgs, pred, mask, patch_size: int, norm_pix_loss: bool):
+    """imgs (N, C, H, W); pred (N, L, p*p*C); mask (N, L), 1 = removed -> scalar loss."""
+    target = patchify(imgs, patch_size)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = (pred - target) ** 2
+    loss = loss.mean(dim=-1)  # [N, L], mean loss per patch
+    return (loss * mask).sum() / mask.sum()  # mean loss on removed patches
+
+
+def attention(q, k, v, scale: float):
+    """q, k, v (B, H, M, K) -> (out (B, H, M, K), attn (B, H, M, M)): softmax(q k^T * scale) v."""
+    attn = (q @ k.transpose(-2, -1)) * scale  # timm 0.3.2's order, as the official blocks
+    attn = attn.softmax(dim=-1)
+    return attn @ v, attn
