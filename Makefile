@@ -1,0 +1,41 @@
+# Two commands that work on a fresh machine (each creates what it needs in .venv):
+#   make demo   - a short MAE pretraining on built-in real images, writes a reconstruction PNG
+#   make test   - the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch guesses CUDA_HOME from `which nvcc`; point it at the real toolkit when there is one
+CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+export CUDA_HOME
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export TORCH_CUDA_ARCH_LIST
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo info bench clean
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	@echo "building mae_fast (log: $(VENV)/build.log)"
+	$(BIN)/python -m pip install -v --no-build-isolation --no-deps -e . > $(VENV)/build.log 2>&1 \
+	  || (tail -60 $(VENV)/build.log; exit 1)
+	@grep -E "^mae_fast:" $(VENV)/build.log || true
+	$(BIN)/python -c "import mae_fast"
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/mae-fast pretrain --output-dir runs/demo
+
+info: venv
+	$(BIN)/python -m mae_fast.info
+
+bench: venv
+	$(BIN)/python -m pytest benchmarks -q
+
+clean:
+	rm -rf build $(VENV) mae_fast/_C*.so *.egg-info
