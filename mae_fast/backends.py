@@ -93,6 +93,10 @@ def _cached_choice(op, device_type, backend, _env) -> Choice:
         return Choice(op, "reference", "backend='reference' asked for")
     impl, probe = _FAST[op]
     runs, why = probe(device)
+    if runs and backend == "auto" and impl == "triton" and device.type == "cpu":
+        # the interpreter is exact but slow: "auto" never picks it, "fast" does
+        return Choice(op, "reference", "Triton on CPU only runs in the interpreter (tests); "
+                                       "backend='fast' runs it")
     if runs:
         return Choice(op, impl, why)
     if backend == "fast":
