@@ -1,0 +1,56 @@
+"""``python -m mae_fast.info``: versions, whether ``mae_fast._C`` loaded (and with CUDA), and
+which implementation each op runs on CPU and on CUDA tensors, with the reason. The answers
+come from ``mae_fast.backends.choose``, the same call the model makes."""
+import argparse
+import importlib
+import platform
+import sys
+
+
+def _version(module):
+    try:
+        return importlib.import_module(module).__version__
+    except Exception as e:  # not installed, or broken (xformers built for another torch)
+        return f"not available ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
+
+
+def report(backend: str = "auto") -> str:
+    import torch
+
+    from . import __version__, _ext, backends
+
+    lines = [f"mae_fast {__version__}",
+             f"python {platform.python_version()} on {platform.machine()}",
+             f"torch {torch.__version__} (built with CUDA {torch.version.cuda}); "
+             f"CUDA available: {torch.cuda.is_available()}"
+             + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
+             f"triton {_version('triton')}",
+             f"xformers {_version('xformers')}",
+             f"mae_fast._C: {'loaded' if _ext.LOADED else 'not loaded: ' + str(_ext.LOAD_ERROR)}"
+             + (f", CUDA kernels {'compiled in' if _ext.built_with_cuda() else 'not compiled in'}"
+                if _ext.LOADED else ""),
+             "",
+             f"backend={backend!r}: which implementation runs each op, and why"]
+    for device in ("cpu", "cuda"):
+        lines.append(f"  on {device} tensors:")
+        for op in backends.ops():
+            attn_backend = "math" if (op == "attention" and backend == "reference") else (
+                "auto" if op == "attention" else backend)
+            try:
+                c = backends.choose(op, device, attn_backend)
+                lines.append(f"    {op:20s} {c.impl:10s} {c.reason}")
+            except Exception as e:
+                lines.append(f"    {op:20s} {'ERROR':10s} {e}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mae_fast.info", description=__doc__)
+    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "fast"))
+    args = parser.parse_args(argv)
+    print(report(args.backend))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
