@@ -1,44 +1,302 @@
-"""Self-attention for every encoder and decoder block: one function, several backends.
+"""Self-attention for every encoder and decoder block: one function, three backends.
 
-``attend(qkv, num_heads, scale)`` takes the qkv projection (B, M, 3*C) and returns (B, M, C).
-Backends: ``sdpa`` (torch.nn.functional.scaled_dot_product_attention on BHMK) and ``math``
-(the reference softmax(q k^T * scale) v, the only one that can return the attention weights).
+``attend(qkv, num_heads, scale)`` takes the qkv projection (B, M, 3*C) and returns (B, M, C),
+C = H * K (H heads of K channels). Attention dropout is 0 (as in MAE) and ``scale`` is the
+block's ``head_dim ** -0.5``.
+
+Backends
+  * ``xformers`` - ``xformers.ops.memory_efficient_attention`` on BMHK: the projection is viewed
+    as (B, M, 3, H, K) and unbound, so q, k, v are strided views of it (no permute copies).
+  * ``sdpa``     - ``torch.nn.functional.scaled_dot_product_attention`` on BHMK views.
+  * ``math``     - ``mae_fast.reference.attention``: ``softmax((q @ k^T) * scale) @ v`` in timm
+    0.3.2's order, the oracle and the only path that returns the attention weights
+    (``return_attn=True``, or ``attention_maps(model, imgs)`` for a whole model).
+  * ``auto``     - xformers when it imports, the tensors are on CUDA and xformers' own dispatcher
+    accepts the inputs (dtype, head dim, GPU capability: asked per input signature, cached);
+    otherwise sdpa. Falling back never raises; it warns once per reason (not per call) when
+    xformers is installed but cannot run (a broken import, or inputs its dispatcher rejects).
+    An xformers that is simply not installed is the normal case of an optional extra: no warning,
+    ``python -m mae_fast.info`` says so.
+
+Who decides: an explicit backend (the model's ``attn_backend=`` keyword, or ``backend=`` here)
+wins; otherwise ``MAE_FAST_ATTN=xformers|sdpa|math`` overrides ``auto``. An explicit backend that
+cannot run is a ``RuntimeError`` that says why, never a silent fallback.
+
+The device-level choice (is xformers importable, CUDA or not, env override) is made by the
+chooser registered with ``mae_fast.backends`` and cached there; what depends on the input tensors
+(xformers' acceptance of dtype / head dim / device) is decided here per call, from a small
+cache keyed by the input signature, so a call costs a dict lookup.
 """
+import os
+import warnings
+from functools import lru_cache
+from typing import Dict, Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
 from . import reference
-from .backends import Choice, register_chooser
+from .backends import Choice, choose, register_chooser
 
-ATTN_BACKENDS = ("auto", "sdpa", "math")
+ATTN_BACKENDS = ("auto", "xformers", "sdpa", "math")
+# names the model's ``backend`` keyword may pass through: "reference" runs math, "fast" is auto
+ALIASES = {"reference": "math", "fast": "auto"}
+ENV = "MAE_FAST_ATTN"
+INSTALL_HINT = "pip install --no-deps 'xformers==0.0.35' (see docs/ATTENTION.md)"
+
+
+class AttentionBackendWarning(UserWarning):
+    """Issued (once per reason) when ``auto`` falls back from xformers to sdpa."""
+
+
+# ---------------------------------------------------------------------------------------------
+# which backend: names, environment, xformers availability
+
+
+def check_attn_backend(name: str) -> str:
+    """Validate a backend name (or alias); returns the canonical name."""
+    if not isinstance(name, str) or ALIASES.get(name, name) not in ATTN_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTN_BACKENDS} "
+                         f"(or {tuple(ALIASES)}), got {name!r}")
+    return ALIASES.get(name, name)
+
+
+def _env_backend() -> Optional[str]:
+    value = os.environ.get(ENV, "").strip()
+    if not value:
+        return None
+    if value not in ("xformers", "sdpa", "math"):
+        raise ValueError(f"{ENV} must be one of xformers, sdpa, math (or unset), got {value!r}")
+    return value
+
+
+@lru_cache(maxsize=None)
+def _load_xformers() -> Tuple[object, str, bool]:
+    """-> (xformers.ops or None, why, installed). Imported once per process, only when needed."""
+    try:
+        import xformers  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name == "xformers":
+            return None, f"xformers is not installed ({INSTALL_HINT})", False
+        return None, f"xformers is installed but does not import ({type(e).__name__}: {e})", True
+    except Exception as e:  # a broken install: missing .so, ABI mismatch, ...
+        return None, f"xformers is installed but does not import ({type(e).__name__}: {e})", True
+    try:
+        import xformers.ops as xops
+    except Exception as e:
+        return None, f"xformers is installed but xformers.ops does not import ({type(e).__name__}: {e})", True
+    version = getattr(xformers, "__version__", "?")
+    return xops, f"xformers {version} imports", True
+
+
+def _xformers_installed_hint() -> str:
+    """Without importing it (slow; only CUDA needs it): is xformers there at all?"""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("xformers") is not None
+    except (ImportError, ValueError):
+        found = True  # something is in sys.modules under that name
+    return "xformers is installed" if found else "xformers is not installed"
+
+
+_WARNED = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
+    warnings.warn(f"mae_fast attention: {reason}; using torch SDPA instead (this warning is shown "
+                  f"once per reason; set {ENV}=sdpa to silence it)", AttentionBackendWarning, stacklevel=3)
 
 
 def _choose(device: torch.device, backend: str) -> Choice:
-    if backend in ("reference", "math"):
-        return Choice("attention", "math", f"backend={backend!r} asked for")
-    return Choice("attention", "sdpa", "torch SDPA runs on every device")
+    """The chooser registered with mae_fast.backends (cached there per device type / env)."""
+    backend = check_attn_backend(backend)
+    if backend == "auto":
+        env = _env_backend()
+        if env is not None:
+            backend, who = env, f"{ENV}={env}"
+        else:
+            who = None
+    else:
+        who = f"backend={backend!r} asked for"
+    if backend == "math":
+        return Choice("attention", "math", f"{who}: softmax(q k^T * scale) v, the reference")
+    if backend == "sdpa":
+        return Choice("attention", "sdpa", f"{who}: torch scaled_dot_product_attention")
+    if backend == "xformers":
+        xops, why, _ = _load_xformers()
+        if xops is None:
+            raise RuntimeError(f"attention {who}, but {why}")
+        return Choice("attention", "xformers", f"{who}: {why}; xformers' dispatcher checks each "
+                                               "input signature (error if it rejects one)")
+    # auto
+    if device.type != "cuda":
+        return Choice("attention", "sdpa", f"{device.type} tensors: xformers runs on CUDA only "
+                                           f"({_xformers_installed_hint()}); torch SDPA")
+    xops, why, installed = _load_xformers()
+    if xops is None:
+        if installed:  # a broken install is worth a warning; a missing optional extra is not
+            _warn_once(why)
+        return Choice("attention", "sdpa", f"{why}; torch SDPA")
+    return Choice("attention", "xformers", f"{why} and tensors are on CUDA; inputs xformers' "
+                                           "dispatcher rejects (dtype, head dim, GPU) run SDPA")
 
 
 register_chooser("attention", _choose)
 
 
-def _split_heads(qkv, num_heads):
+# ---------------------------------------------------------------------------------------------
+# does xformers accept these inputs? (its own dispatcher decides; cached per signature)
+
+# (device, dtype, H, K, needs_grad, deterministic) -> None (accepted) or the reason it is not
+_XF_ACCEPTS: Dict[tuple, Optional[str]] = {}
+
+
+def _xformers_rejection(xops, q, k, v, scale: float, needs_grad: bool) -> Optional[str]:
+    """None if xformers' dispatcher has an operator for q, k, v (B, M, H, K), else why not."""
+    key = (q.device, q.dtype, q.shape[2], q.shape[3], needs_grad,
+           torch.are_deterministic_algorithms_enabled())
+    if key in _XF_ACCEPTS:
+        return _XF_ACCEPTS[key]
+    fmha = xops.fmha
+    inp = fmha.Inputs(query=q, key=k, value=v, attn_bias=None, p=0.0, scale=scale)
+    try:
+        fmha.dispatch._dispatch_fw(inp, needs_grad)
+        if needs_grad:
+            fmha.dispatch._dispatch_bw(inp, None)
+        reason = None
+    except NotImplementedError as e:
+        # the message lists every operator and why it declines; drop the shape lines (they carry
+        # the batch and sequence length) so one kind of input gives one reason
+        said = "\n".join(line for line in str(e).splitlines() if "shape=" not in line)
+        reason = (f"xformers has no operator for dtype={q.dtype}, head_dim={q.shape[3]}, "
+                  f"device={q.device}{' with gradients' if needs_grad else ''}. xformers says:\n{said}")
+    except AttributeError as e:  # an xformers without this (private) dispatcher: let it try
+        reason = None
+        warnings.warn(f"mae_fast attention: cannot ask xformers' dispatcher ({e}); calling it directly",
+                      AttentionBackendWarning, stacklevel=3)
+    _XF_ACCEPTS[key] = reason
+    return reason
+
+
+def _clear_caches() -> None:
+    """Forget what was learnt about xformers (for tests, or after installing it mid-session)."""
+    import mae_fast.backends as backends
+    _load_xformers.cache_clear()
+    _XF_ACCEPTS.clear()
+    _WARNED.clear()
+    backends._cached_choice.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# the three layouts
+
+
+def _split_bmhk(qkv, num_heads: int):
+    """qkv (B, M, 3*C) -> q, k, v (B, M, H, K): strided views of qkv, no copy."""
     B, M, C3 = qkv.shape
-    C = C3 // 3
-    qkv = qkv.reshape(B, M, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
-    return qkv.unbind(0)  # q, k, v: (B, H, M, K)
+    return qkv.reshape(B, M, 3, num_heads, C3 // (3 * num_heads)).unbind(2)
+
+
+def _split_bhmk(qkv, num_heads: int):
+    """qkv (B, M, 3*C) -> q, k, v (B, H, M, K): strided views of qkv, no copy."""
+    B, M, C3 = qkv.shape
+    return qkv.reshape(B, M, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _xformers_attention(xops, q, k, v, scale: float):
+    """q, k, v (B, M, H, K) -> (B, M, H*K)."""
+    B, M, H, K = q.shape
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=scale)  # (B, M, H, K)
+    return out.reshape(B, M, H * K)
+
+
+def _sdpa_attention(q, k, v, scale: float):
+    """q, k, v (B, H, M, K) -> (B, M, H*K)."""
+    B, H, M, K = q.shape
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=scale)  # (B, H, M, K)
+    return out.transpose(1, 2).reshape(B, M, H * K)
+
+
+def _math_attention(q, k, v, scale: float):
+    """q, k, v (B, H, M, K) -> (B, M, H*K), attn (B, H, M, M)."""
+    B, H, M, K = q.shape
+    out, attn = reference.attention(q, k, v, scale)  # (B, H, M, K), (B, H, M, M)
+    return out.transpose(1, 2).reshape(B, M, H * K), attn
+
+
+def _check(qkv, num_heads) -> None:
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads) != 0 or qkv.shape[-1] == 0:
+        raise ValueError(f"qkv must be (B, M, 3*num_heads*head_dim) with num_heads={num_heads}, "
+                         f"got shape {tuple(qkv.shape)}")
+    if not qkv.is_floating_point():
+        raise TypeError(f"qkv must be floating point, got {qkv.dtype}")
 
 
 def attend(qkv, num_heads: int, scale: float, *, backend: str = "auto", return_attn: bool = False):
-    """qkv (B, M, 3*C) -> out (B, M, C) [, attn (B, H, M, M) with return_attn]."""
-    from .backends import choose
+    """Multi-head self-attention of the qkv projection.
 
-    B, M, _ = qkv.shape
-    impl = "math" if return_attn else choose("attention", qkv.device, backend).impl
-    q, k, v = _split_heads(qkv, num_heads)
+    qkv (B, M, 3*C) -> out (B, M, C); with ``return_attn=True`` -> (out, attn (B, H, M, M)),
+    computed by the math path whatever ``backend`` says (only it forms the weights).
+    """
+    _check(qkv, num_heads)
+    if return_attn:
+        return _math_attention(*_split_bhmk(qkv, num_heads), scale)
+    impl = choose("attention", qkv.device, backend).impl
+    if impl == "xformers":
+        xops = _load_xformers()[0]
+        q, k, v = _split_bmhk(qkv, num_heads)  # (B, M, H, K) views
+        needs_grad = qkv.requires_grad and torch.is_grad_enabled()
+        rejected = _xformers_rejection(xops, q, k, v, scale, needs_grad)
+        if rejected is None:
+            return _xformers_attention(xops, q, k, v, scale)
+        if check_attn_backend(backend) != "auto" or _env_backend() is not None:
+            raise RuntimeError(f"attention backend 'xformers' asked for, but {rejected}")
+        _warn_once(rejected)
+        impl = "sdpa"
+    q, k, v = _split_bhmk(qkv, num_heads)  # (B, H, M, K) views
     if impl == "math":
-        out, attn = reference.attention(q, k, v, scale)
-    else:
-        out, attn = F.scaled_dot_product_attention(q, k, v, scale=scale), None
-    out = out.transpose(1, 2).reshape(B, M, -1)
-    return (out, attn) if return_attn else out
+        return _math_attention(q, k, v, scale)[0]
+    return _sdpa_attention(q, k, v, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention maps for visualisation
+
+
+@torch.no_grad()
+def attention_maps(model, imgs, **forward_kwargs) -> Dict[str, torch.Tensor]:
+    """Run ``model(imgs, **forward_kwargs)`` and return every block's attention weights.
+
+    -> {module name: attn (N, H, M, M)}, e.g. ``"blocks.0.attn"`` (encoder: M = 1 + len_keep,
+    token 0 is cls, token 1+j is patch ``argsort(noise)[:, j]``) and ``"decoder_blocks.0.attn"``
+    (M = 1 + L in image order). Each row sums to 1. The forward pass runs with the model's own
+    backend; the weights are recomputed by the math path from each block's input, so the maps
+    are exact whatever backend runs the model. Pass ``noise=`` to know which patches were kept.
+    """
+    from .layers import Attention
+
+    maps: Dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def record(name):
+        def hook(module, args, output):
+            qkv = module.qkv(args[0])  # (N, M, 3*C)
+            maps[name] = attend(qkv, module.num_heads, module.scale, return_attn=True)[1]
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            hooks.append(module.register_forward_hook(record(name)))
+    try:
+        model(imgs, **forward_kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return maps

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import ops, reference
+from .attention import check_attn_backend
 from .backends import check_backend, choose
 from .layers import Block, PatchEmbed, to_2tuple
 from .pos_embed import get_2d_sincos_pos_embed
@@ -64,6 +65,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Attention backend of every block (see ``mae_fast.attention``); None follows ``backend``."""
         if attn_backend is None:
             attn_backend = "math" if self.backend == "reference" else "auto"
+        attn_backend = check_attn_backend(attn_backend)  # ValueError for an unknown name
         self.attn_backend = attn_backend
         for blk in list(self.blocks) + list(self.decoder_blocks):
             blk.attn.backend = attn_backend
