@@ -1,12 +1,124 @@
-"""Masked reconstruction loss over removed patches, target built from the image."""
+"""Masked reconstruction loss over removed patches, target built from the image.
+
+Fast path (``impl == "triton"``): the torch op ``mae_fast::masked_loss`` runs two Triton
+kernels (per-patch loss straight from the image pixels, then a one-program fixed-order
+reduction: deterministic, no float atomics) and returns ``(loss, mask_sum)``; its registered
+backward ``mae_fast::masked_loss_backward`` recomputes the target from the pixels and writes
+``grad_pred`` (zero where mask == 0) and, when ``imgs`` requires grad, ``grad_imgs`` through
+the target (norm_pix_loss included). No patchified float target is ever materialised.
+
+Explicit fallback to the reference (documented in docs/TRITON.md): ``mask.requires_grad`` (the
+loss's gradient w.r.t. the mask weights is not written in Triton), and, with
+``backend="auto"``, dtypes other than fp32/fp16/bf16 (``backend="fast"`` raises instead).
+Difference from the reference, by design: patches with mask == 0 are never read, so a NaN/Inf
+in a kept patch's prediction does not reach the loss (the reference's ``0 * nan`` would).
+"""
+from typing import Tuple
+
+import torch
+
 from .. import reference
-from ..backends import choose, register_fast
+from ..backends import choose, register_fast, triton_probe
+from .patch_embed import FAST_DTYPES, fast_dtypes_ok
 
 OP = "masked_loss"
-register_fast(OP, "triton", lambda device: (False, "the Triton kernel is not written yet"))
+register_fast(OP, "triton", triton_probe)
+
+
+def _loss_dtype(imgs, pred, mask) -> torch.dtype:
+    """The reference's result dtype: ((pred - target)**2).mean(-1) * mask, summed."""
+    return torch.promote_types(torch.promote_types(pred.dtype, imgs.dtype), mask.dtype)
+
+
+def _require_triton(device: torch.device) -> None:
+    runs, why = triton_probe(device)
+    if not runs:
+        raise RuntimeError(f"mae_fast::masked_loss runs only as a Triton kernel: {why}; "
+                           "use mae_fast.ops.masked_loss(..., backend='reference')")
+
+
+@torch.library.custom_op("mae_fast::masked_loss", mutates_args=())
+def masked_loss_op(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                   norm_pix_loss: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """imgs (N, C, H, W); pred (N, L, C*p*p); mask (N, L) -> (loss (), mask_sum () fp32)."""
+    _require_triton(imgs.device)
+    from ..kernels import masked_loss as kernels
+    return kernels.masked_loss_fwd(imgs, pred, mask, patch_size, norm_pix_loss,
+                                   _loss_dtype(imgs, pred, mask))
+
+
+@masked_loss_op.register_fake
+def _(imgs, pred, mask, patch_size, norm_pix_loss):
+    return (pred.new_empty((), dtype=_loss_dtype(imgs, pred, mask)),
+            pred.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("mae_fast::masked_loss_backward", mutates_args=())
+def masked_loss_backward(grad_loss: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor,
+                         mask: torch.Tensor, mask_sum: torch.Tensor, patch_size: int,
+                         norm_pix_loss: bool, grad_imgs_wanted: bool
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (grad_pred like pred, grad_imgs like imgs, or an empty tensor if not wanted)."""
+    _require_triton(imgs.device)
+    from ..kernels import masked_loss as kernels
+    grad_pred, grad_imgs = kernels.masked_loss_bwd(grad_loss, imgs, pred, mask, mask_sum,
+                                                   patch_size, norm_pix_loss, grad_imgs_wanted)
+    return grad_pred, (grad_imgs if grad_imgs_wanted else imgs.new_empty(0))
+
+
+@masked_loss_backward.register_fake
+def _(grad_loss, imgs, pred, mask, mask_sum, patch_size, norm_pix_loss, grad_imgs_wanted):
+    grad_imgs = torch.empty_like(imgs) if grad_imgs_wanted else imgs.new_empty(0)
+    return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device), grad_imgs
+
+
+def _setup(ctx, inputs, output):
+    imgs, pred, mask, patch_size, norm_pix_loss = inputs
+    ctx.save_for_backward(imgs, pred, mask, output[1])
+    ctx.patch_size, ctx.norm_pix_loss = patch_size, norm_pix_loss
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_mask_sum):
+    imgs, pred, mask, mask_sum = ctx.saved_tensors
+    grad_imgs_wanted = ctx.needs_input_grad[0]
+    grad_pred, grad_imgs = masked_loss_backward(grad_loss, imgs, pred, mask, mask_sum,
+                                                ctx.patch_size, ctx.norm_pix_loss,
+                                                grad_imgs_wanted)
+    return (grad_imgs if grad_imgs_wanted else None,
+            grad_pred if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+masked_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _check_inputs(imgs, pred, mask, patch_size: int) -> None:
+    if imgs.dim() != 4:
+        raise ValueError(f"imgs must be (N, C, H, W), got shape {tuple(imgs.shape)}")
+    N, C, H, W = imgs.shape
+    p = patch_size
+    if p < 1 or H % p or W % p:
+        raise ValueError(f"image {H}x{W} is not a whole number of {p}x{p} patches")
+    L, P = (H // p) * (W // p), C * p * p
+    if tuple(pred.shape) != (N, L, P):
+        raise ValueError(f"pred must be ({N}, {L}, {P}), got {tuple(pred.shape)}")
+    if tuple(mask.shape) != (N, L):
+        raise ValueError(f"mask must be ({N}, {L}), got {tuple(mask.shape)}")
+    if not mask.dtype.is_floating_point:
+        raise TypeError(f"mask must be a float tensor (1 = removed), got {mask.dtype}")
 
 
 def masked_loss(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, *, backend="auto"):
     """imgs (N, C, H, W); pred (N, L, p*p*C); mask (N, L), 1 = removed -> scalar."""
-    choose(OP, imgs.device, backend)
-    return reference.masked_loss(imgs, pred, mask, patch_size, norm_pix_loss)
+    choice = choose(OP, imgs.device, backend)
+    if choice.impl == "reference" or mask.requires_grad:
+        # mask.requires_grad: explicit fallback, the Triton backward has no grad_mask
+        return reference.masked_loss(imgs, pred, mask, patch_size, norm_pix_loss)
+    if not fast_dtypes_ok(imgs, pred, mask):
+        if backend == "fast":
+            raise TypeError(f"backend='fast': {OP} supports imgs, pred and mask in {FAST_DTYPES}, "
+                            f"got {imgs.dtype}, {pred.dtype}, {mask.dtype}")
+        return reference.masked_loss(imgs, pred, mask, patch_size, norm_pix_loss)
+    _check_inputs(imgs, pred, mask, patch_size)
+    loss, _mask_sum = masked_loss_op(imgs, pred, mask, patch_size, norm_pix_loss)
+    return loss

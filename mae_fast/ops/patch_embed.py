@@ -1,13 +1,229 @@
-"""Encoder input: patchify + gather of the kept patches + patch-embed + positions + cls."""
+"""Encoder input: patchify + gather of the kept patches + patch-embed + positions + cls.
+
+Fast path (``impl == "triton"``), three steps, two of them Triton torch ops:
+  1. ``mae_fast::gather_patches``  imgs (N, C, H, W) + ids_keep (N, K) -> patches (N, K, C*p*p)
+     in the Conv2d weight's (c, p, q) order, read straight from the image (any strides);
+  2. ``F.linear(patches, weight.view(D, -1), bias)``: the patch embed, on kept patches only;
+  3. ``mae_fast::add_pos_cls``  -> (N, 1+K, D): kept rows + pos_embed[1 + ids_keep], and the
+     cls row cls_token + pos_embed[0], written once.
+Same numbers as the official order (embed all -> + pos -> gather -> cat cls), since the embed
+is per patch. Each op is a ``torch.library.custom_op`` with a fake impl (meta tensors,
+``torch.compile(fullgraph=True)``) and registered autograd; the op bodies launch Triton where
+``backends.triton_probe`` says it runs (CUDA, or CPU under TRITON_INTERPRET=1) and run a torch
+version of the same gather elsewhere. ``torch.library.triton_op`` is not used: under the
+interpreter on CPU it fails ("invalid python storage"), see DESIGN.md.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
 from .. import reference
 from ..backends import choose, register_fast, triton_probe
 
 OP = "patch_embed_masked"
-register_fast(OP, "triton", lambda device: (False, "the Triton kernel is not written yet"))
+register_fast(OP, "triton", triton_probe)
+
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_runs(device: torch.device) -> bool:
+    return triton_probe(device)[0]
+
+
+def check_ids(ids: torch.Tensor, num_patches: int, name: str, distinct: bool = False) -> None:
+    """Values of ``ids`` (N, K) in [0, num_patches) (and distinct per row if asked). On CPU a
+    ValueError; on CUDA a device-side assert (no host sync)."""
+    if ids.numel() == 0:
+        return
+    ok = (ids.min() >= 0) & (ids.max() < num_patches)
+    what = f"{name} values must lie in [0, {num_patches})"
+    if distinct and ids.shape[1] > 1:
+        ok = ok & (ids.sort(dim=1).values.diff(dim=1) != 0).all()
+        what += " and be distinct in each row"
+    if ids.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(what)
+    else:
+        torch._assert_async(ok, what)
+
+
+# ---- 1. gather of kept patches ------------------------------------------------------------
+
+def _patch_rows(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Torch view of the same index map as the kernel: (N, C, H, W) -> (N, L, C*p*p), (c, p, q);
+    rows and columns past the last whole patch are dropped, as the strided Conv2d does."""
+    N, C, H, W = imgs.shape
+    p = patch_size
+    h, w = H // p, W // p
+    x = imgs[:, :, :h * p, :w * p].reshape(N, C, h, p, w, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(N, h * w, C * p * p)
+
+
+@torch.library.custom_op("mae_fast::gather_patches", mutates_args=())
+def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """imgs (N, C, H, W); ids_keep (N, K) -> patches (N, K, C*p*p) in (c, p, q) order."""
+    N, C, H, W = imgs.shape
+    check_ids(ids_keep, (H // patch_size) * (W // patch_size), "ids_keep")
+    if _triton_runs(imgs.device):
+        from ..kernels import patch_gather
+        return patch_gather.gather_patches(imgs, ids_keep, patch_size)
+    rows = _patch_rows(imgs, patch_size)  # (N, L, C*p*p)
+    return torch.gather(rows, 1, ids_keep.long().unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
+
+
+@gather_patches.register_fake
+def _(imgs, ids_keep, patch_size):
+    N, C = imgs.shape[:2]
+    return imgs.new_empty((N, ids_keep.shape[1], C * patch_size * patch_size))
+
+
+@torch.library.custom_op("mae_fast::scatter_patches", mutates_args=())
+def scatter_patches(grad_patches: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
+                    height: int, width: int, channels_last: bool) -> torch.Tensor:
+    """gather_patches' backward: grad_patches (N, K, C*p*p) -> grad_imgs (N, C, H, W), zero
+    outside the kept patches. ids_keep must be distinct per row (random masking's are)."""
+    N, K, _ = grad_patches.shape
+    C = grad_patches.shape[2] // (patch_size * patch_size)
+    check_ids(ids_keep, (height // patch_size) * (width // patch_size), "ids_keep", distinct=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grad_imgs = grad_patches.new_zeros((N, C, height, width)).to(memory_format=fmt)
+    if _triton_runs(grad_patches.device):
+        from ..kernels import patch_gather
+        return patch_gather.scatter_patches(grad_patches, ids_keep, patch_size, grad_imgs)
+    rows = _patch_rows(grad_imgs, patch_size).clone()  # (N, L, C*p*p)
+    rows.scatter_(1, ids_keep.long().unsqueeze(-1).expand(-1, -1, rows.shape[-1]), grad_patches)
+    p = patch_size
+    h, w = height // p, width // p
+    grad_imgs[:, :, :h * p, :w * p] = rows.reshape(N, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5) \
+        .reshape(N, C, h * p, w * p)
+    return grad_imgs
+
+
+@scatter_patches.register_fake
+def _(grad_patches, ids_keep, patch_size, height, width, channels_last):
+    N = grad_patches.shape[0]
+    C = grad_patches.shape[2] // (patch_size * patch_size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return grad_patches.new_empty((N, C, height, width)).to(memory_format=fmt)
+
+
+def _gather_setup(ctx, inputs, output):
+    imgs, ids_keep, patch_size = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.patch_size = patch_size
+    ctx.height, ctx.width = imgs.shape[2], imgs.shape[3]
+    ctx.channels_last = (imgs.dim() == 4 and not imgs.is_contiguous()
+                         and imgs.is_contiguous(memory_format=torch.channels_last))
+
+
+def _gather_backward(ctx, grad_patches):
+    (ids_keep,) = ctx.saved_tensors
+    grad_imgs = None
+    if ctx.needs_input_grad[0]:
+        grad_imgs = scatter_patches(grad_patches, ids_keep, ctx.patch_size,
+                                    ctx.height, ctx.width, ctx.channels_last)
+    return grad_imgs, None, None
+
+
+gather_patches.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+# ---- 3. positions + cls --------------------------------------------------------------------
+
+def _tokens_dtype(x, pos_embed, cls_token) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(x.dtype, pos_embed.dtype), cls_token.dtype)
+
+
+@torch.library.custom_op("mae_fast::add_pos_cls", mutates_args=())
+def add_pos_cls(x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor,
+                ids_keep: torch.Tensor) -> torch.Tensor:
+    """x (N, K, D) embedded kept patches; pos_embed (1, 1+L, D); cls_token (1, 1, D);
+    ids_keep (N, K) -> (N, 1+K, D): [cls + pos[0], x[:, k] + pos[1 + ids_keep[:, k]]]."""
+    check_ids(ids_keep, pos_embed.shape[1] - 1, "ids_keep")
+    out_dtype = _tokens_dtype(x, pos_embed, cls_token)
+    if _triton_runs(x.device):
+        from ..kernels import patch_gather
+        return patch_gather.add_pos_cls(x, pos_embed, cls_token, ids_keep, out_dtype)
+    kept = x + pos_embed[0, 1:][ids_keep.long()]  # (N, K, D)
+    cls = (cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    return torch.cat((cls, kept), dim=1).to(out_dtype)
+
+
+@add_pos_cls.register_fake
+def _(x, pos_embed, cls_token, ids_keep):
+    N, K, D = x.shape
+    return x.new_empty((N, 1 + K, D), dtype=_tokens_dtype(x, pos_embed, cls_token))
+
+
+def _add_pos_cls_setup(ctx, inputs, output):
+    x, pos_embed, cls_token, ids_keep = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.dtypes = (x.dtype, pos_embed.dtype, cls_token.dtype)
+    ctx.pos_shape = pos_embed.shape
+
+
+def _add_pos_cls_backward(ctx, grad_out):
+    (ids_keep,) = ctx.saved_tensors
+    x_dtype, pos_dtype, cls_dtype = ctx.dtypes
+    grad_x = grad_pos = grad_cls = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_out[:, 1:].to(x_dtype)
+    if ctx.needs_input_grad[2]:
+        grad_cls = grad_out[:, :1].sum(0, keepdim=True).to(cls_dtype)
+    if ctx.needs_input_grad[1]:  # pos_embed is frozen in MAE; correct anyway
+        D = grad_out.shape[-1]
+        grad_pos = grad_out.new_zeros(ctx.pos_shape[1:])  # (1+L, D)
+        grad_pos.index_add_(0, 1 + ids_keep.reshape(-1).long(), grad_out[:, 1:].reshape(-1, D))
+        grad_pos[0] += grad_out[:, 0].sum(0)
+        grad_pos = grad_pos.unsqueeze(0).to(pos_dtype)
+    return grad_x, grad_pos, grad_cls, None
+
+
+add_pos_cls.register_autograd(_add_pos_cls_backward, setup_context=_add_pos_cls_setup)
+
+
+# ---- the public op -------------------------------------------------------------------------
+
+def _check_inputs(imgs, weight, bias, pos_embed, cls_token, ids_keep) -> Tuple[int, int]:
+    """Shapes and dtypes the fast path relies on -> (patch_size, num_patches)."""
+    if imgs.dim() != 4:
+        raise ValueError(f"imgs must be (N, C, H, W), got shape {tuple(imgs.shape)}")
+    N, C, H, W = imgs.shape
+    if weight.dim() != 4 or weight.shape[1] != C or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must be (D, {C}, p, p), got {tuple(weight.shape)}")
+    D, p = weight.shape[0], weight.shape[-1]
+    if H < p or W < p:
+        raise ValueError(f"image {H}x{W} is smaller than one patch {p}x{p}")
+    L = (H // p) * (W // p)
+    if bias is not None and tuple(bias.shape) != (D,):
+        raise ValueError(f"bias must be ({D},), got {tuple(bias.shape)}")
+    if tuple(pos_embed.shape) != (1, 1 + L, D):
+        raise ValueError(f"pos_embed must be (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
+    if tuple(cls_token.shape) != (1, 1, D):
+        raise ValueError(f"cls_token must be (1, 1, {D}), got {tuple(cls_token.shape)}")
+    if ids_keep.dim() != 2 or ids_keep.shape[0] != N:
+        raise ValueError(f"ids_keep must be ({N}, K), got {tuple(ids_keep.shape)}")
+    if ids_keep.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"ids_keep must be int64 or int32, got {ids_keep.dtype}")
+    return p, L
+
+
+def fast_dtypes_ok(*tensors) -> bool:
+    return all(t.dtype in FAST_DTYPES for t in tensors)
 
 
 def patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, *, backend="auto"):
     """imgs (N, C, H, W); weight (D, C, p, p); bias (D,); pos_embed (1, 1+L, D);
     cls_token (1, 1, D); ids_keep (N, K) -> encoder tokens (N, 1+K, D)."""
-    choose(OP, imgs.device, backend)
-    return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
+    choice = choose(OP, imgs.device, backend)
+    if choice.impl == "reference":
+        return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
+    if not fast_dtypes_ok(imgs):
+        if backend == "fast":
+            raise TypeError(f"backend='fast': {OP} supports imgs in {FAST_DTYPES}, got {imgs.dtype}")
+        return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
+    p, _ = _check_inputs(imgs, weight, bias, pos_embed, cls_token, ids_keep)
+    patches = gather_patches(imgs, ids_keep, p)  # (N, K, C*p*p)
+    x = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)  # (N, K, D)
+    return add_pos_cls(x, pos_embed, cls_token, ids_keep)  # (N, 1+K, D)

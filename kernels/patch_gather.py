@@ -1,0 +1,143 @@
+"""Triton kernels of the encoder input: patchify + gather of the kept patches straight from the
+image, and the positional/cls epilogue that follows the patch-embed GEMM.
+
+Layers (as in Liger-Kernel): ``_<op>_kernel`` (Triton) -> launcher (``gather_patches`` ...,
+plain functions on tensors). The torch ops, fake impls and autograd live in
+``mae_fast.ops.patch_embed``; this module only knows pointers and strides.
+
+Index map shared by every kernel here (one place, used both ways):
+  patch ``l`` of image ``n`` sits at grid row ``l // grid_w``, column ``l % grid_w``;
+  element ``(c, i, j)`` of that patch (the Conv2d weight's ``(c, p, q)`` order) is pixel
+  ``imgs[n, c, row * p + i, col * p + j]``.
+"""
+import triton
+import triton.language as tl
+import torch
+
+
+@triton.jit
+def _patch_copy_kernel(
+    imgs_ptr, ids_keep_ptr, patches_ptr,
+    num_keep, grid_w,
+    stride_in, stride_ic, stride_ih, stride_iw,
+    stride_kn, stride_kk,
+    CHANS: tl.constexpr, PATCH: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    TO_PATCHES: tl.constexpr,
+):
+    """One program per kept patch ``(n, k)``. TO_PATCHES: imgs -> patches (N, K, C*p*p)
+    (forward gather); else patches -> imgs (backward scatter; kept patches are distinct, so
+    every pixel is written by at most one program: plain stores, no atomics)."""
+    pid = tl.program_id(0)
+    n = pid // num_keep
+    k = pid % num_keep
+    patch_id = tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + k * stride_kk).to(tl.int32)
+    row = patch_id // grid_w
+    col = patch_id % grid_w
+
+    c = tl.arange(0, BLOCK_C)[:, None, None]
+    i = tl.arange(0, BLOCK_P)[None, :, None]
+    j = tl.arange(0, BLOCK_P)[None, None, :]
+    inside = (c < CHANS) & (i < PATCH) & (j < PATCH)
+
+    img_offs = (n.to(tl.int64) * stride_in + c * stride_ic
+                + (row * PATCH + i) * stride_ih + (col * PATCH + j) * stride_iw)
+    patch_offs = pid.to(tl.int64) * (CHANS * PATCH * PATCH) + (c * PATCH + i) * PATCH + j
+    if TO_PATCHES:
+        vals = tl.load(imgs_ptr + img_offs, mask=inside)
+        tl.store(patches_ptr + patch_offs, vals, mask=inside)
+    else:
+        vals = tl.load(patches_ptr + patch_offs, mask=inside)
+        tl.store(imgs_ptr + img_offs, vals, mask=inside)
+
+
+@triton.jit
+def _add_pos_cls_kernel(
+    x_ptr, pos_ptr, cls_ptr, ids_keep_ptr, out_ptr,
+    num_keep, dim,
+    stride_xn, stride_xk,
+    stride_pos,
+    stride_kn, stride_kk,
+    BLOCK_D: tl.constexpr,
+):
+    """out (N, 1+K, D): row 0 = cls + pos[0]; row 1+k = x[n, k] + pos[1 + ids_keep[n, k]].
+    Grid (N * (1+K), cdiv(D, BLOCK_D)); adds in fp32, one rounding to out's dtype."""
+    row = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_dim = d < dim
+    n = row // (num_keep + 1)
+    t = row % (num_keep + 1)
+    if t == 0:
+        val = (tl.load(cls_ptr + d, mask=in_dim).to(tl.float32)
+               + tl.load(pos_ptr + d, mask=in_dim).to(tl.float32))
+    else:
+        patch_id = tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + (t - 1) * stride_kk)
+        val = (tl.load(x_ptr + n.to(tl.int64) * stride_xn + (t - 1) * stride_xk + d,
+                       mask=in_dim).to(tl.float32)
+               + tl.load(pos_ptr + (1 + patch_id) * stride_pos + d, mask=in_dim).to(tl.float32))
+    tl.store(out_ptr + row.to(tl.int64) * dim + d, val.to(out_ptr.dtype.element_ty), mask=in_dim)
+
+
+def _patch_blocks(chans: int, patch: int):
+    return triton.next_power_of_2(chans), triton.next_power_of_2(patch)
+
+
+def _num_warps(elems: int) -> int:
+    return 1 if elems <= 128 else 2 if elems <= 256 else 4 if elems <= 2048 else 8
+
+
+def _patch_copy(imgs, ids_keep, patches, patch_size: int, to_patches: bool):
+    N, C, H, W = imgs.shape
+    K = ids_keep.shape[1]
+    if N * K == 0:
+        return
+    block_c, block_p = _patch_blocks(C, patch_size)
+    _patch_copy_kernel[(N * K,)](
+        imgs, ids_keep, patches,
+        K, W // patch_size,
+        *imgs.stride(), *ids_keep.stride(),
+        CHANS=C, PATCH=patch_size, BLOCK_C=block_c, BLOCK_P=block_p,
+        TO_PATCHES=to_patches, num_warps=_num_warps(block_c * block_p * block_p),
+    )
+
+
+def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """imgs (N, C, H, W) any strides; ids_keep (N, K) int -> patches (N, K, C*p*p), (c, p, q)."""
+    N, C = imgs.shape[:2]
+    patches = imgs.new_empty((N, ids_keep.shape[1], C * patch_size * patch_size))
+    _patch_copy(imgs, ids_keep, patches, patch_size, to_patches=True)
+    return patches
+
+
+def scatter_patches(grad_patches: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
+                    grad_imgs: torch.Tensor) -> torch.Tensor:
+    """The gather's backward: writes grad_patches (N, K, C*p*p) into the kept patches of
+    grad_imgs (N, C, H, W), which the caller zero-fills (the pixels of removed patches)."""
+    _patch_copy(grad_imgs, ids_keep, grad_patches.contiguous(), patch_size, to_patches=False)
+    return grad_imgs
+
+
+def add_pos_cls(x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor,
+                ids_keep: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x (N, K, D) embedded kept patches; pos_embed (1, 1+L, D); cls_token (1, 1, D);
+    ids_keep (N, K) -> tokens (N, 1+K, D)."""
+    N, K, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    pos = pos_embed[0]
+    if pos.stride(-1) != 1:
+        pos = pos.contiguous()
+    cls = cls_token.reshape(D).contiguous()
+    out = x.new_empty((N, 1 + K, D), dtype=out_dtype)
+    if out.numel() == 0:
+        return out
+    block_d = min(triton.next_power_of_2(D), 1024)
+    _add_pos_cls_kernel[(N * (1 + K), triton.cdiv(D, block_d))](
+        x, pos, cls, ids_keep, out,
+        K, D,
+        x.stride(0), x.stride(1),
+        pos.stride(0),
+        *ids_keep.stride(),
+        BLOCK_D=block_d, num_warps=_num_warps(block_d),
+    )
+    return out
