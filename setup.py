@@ -77,7 +77,7 @@ def _extensions():
     want_cuda = not _flag("MAE_FAST_SKIP_CUDA_BUILD") and bool(cu_sources) and (
         _flag("FORCE_CUDA") or CUDA_HOME is not None)
     include_dirs = [os.path.join(HERE, "csrc")]
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
     if want_cuda:
         if CUDA_HOME is None:
             raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit found: set CUDA_HOME")
@@ -93,7 +93,7 @@ def _extensions():
         ext = CUDAExtension(
             "mae_fast._C", cpp_sources + cu_sources, include_dirs=include_dirs,
             define_macros=[("MAE_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
             py_limited_api=False)
     else:
         print("mae_fast: building mae_fast._C for CPU only", file=sys.stderr)

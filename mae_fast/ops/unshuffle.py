@@ -1,14 +1,96 @@
 """Decoder input: unshuffle-scatter of kept tokens and mask tokens into the full sequence,
-plus the decoder positional table."""
-from .. import reference
+plus the decoder positional table.
+
+Fast path: ``torch.ops.mae_fast.unshuffle_scatter`` from the C++/CUDA extension ``mae_fast._C``
+(``csrc/unshuffle.cpp``, ``csrc/cuda/unshuffle_kernels.cu``): one pass forward, one pass backward
+(plus a small fixed-order reduction for ``grad_mask_token``), instead of the official
+repeat / cat / gather / cat / add and their backwards. This module gives the op its fake
+(shape) implementation and its autograd formula, extension-cpp style. Without ``_C`` the
+reference runs.
+"""
+import torch
+
+from .. import _ext, reference
 from ..backends import choose, register_fast
 
 OP = "unshuffle"
-register_fast(OP, "c++", lambda device: (False, "the _C op is not written yet"))
+
+
+def _op_available() -> bool:
+    return _ext.LOADED and hasattr(torch.ops.mae_fast, "unshuffle_scatter")
+
+
+def _probe(device: torch.device):
+    if not _ext.LOADED:
+        return False, f"mae_fast._C is not built or does not load ({_ext.LOAD_ERROR})"
+    if not _op_available():
+        return False, "mae_fast._C has no unshuffle_scatter op (stale build: reinstall mae_fast)"
+    if device.type == "cpu":
+        return True, "mae_fast._C CPU kernel"
+    if device.type == "cuda":
+        if _ext.built_with_cuda():
+            return True, "mae_fast._C CUDA kernel"
+        return False, "mae_fast._C was built without CUDA (no toolkit at build time, or MAE_FAST_SKIP_CUDA_BUILD=1)"
+    if device.type == "meta":
+        return True, "mae_fast._C op, shapes only (its fake implementation)"
+    return False, f"mae_fast._C has no kernel for {device.type} tensors"
+
+
+register_fast(OP, "c++", _probe)
+
+
+if _op_available():
+
+    @torch.library.register_fake("mae_fast::unshuffle_scatter")
+    def _unshuffle_scatter_fake(x, mask_token, ids_restore, pos_embed=None):
+        torch._check(x.dim() == 3 and ids_restore.dim() == 2, lambda: "x must be (N, 1+K, D), ids_restore (N, L)")
+        return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]))
+
+    @torch.library.register_fake("mae_fast::unshuffle_scatter_backward")
+    def _unshuffle_scatter_backward_fake(grad_out, ids_restore, len_keep):
+        grad_x = grad_out.new_empty((grad_out.shape[0], len_keep + 1, grad_out.shape[2]))
+        grad_mask_token = grad_out.new_empty((1, 1, grad_out.shape[2]))
+        return grad_x, grad_mask_token
+
+    def _setup_context(ctx, inputs, output):
+        x, _mask_token, ids_restore, _pos_embed = inputs
+        ctx.save_for_backward(ids_restore)
+        ctx.len_keep = x.shape[1] - 1
+
+    def _backward(ctx, grad_out):
+        (ids_restore,) = ctx.saved_tensors
+        # pos_embed=None may be left out of the inputs (it is the schema's default)
+        num_inputs = len(ctx.needs_input_grad)
+        need_x, need_mask_token, _, need_pos = tuple(ctx.needs_input_grad) + (False,) * (4 - num_inputs)
+        grad_out = grad_out.contiguous()  # autograd may hand over an expanded (stride-0) gradient
+        grad_x = grad_mask_token = grad_pos = None
+        if need_x or need_mask_token:
+            grad_x, grad_mask_token = torch.ops.mae_fast.unshuffle_scatter_backward(
+                grad_out, ids_restore, ctx.len_keep)
+        if need_pos:  # the broadcast add's backward, as the reference computes it
+            grad_pos = grad_out.sum(0, keepdim=True)
+        grads = (grad_x if need_x else None, grad_mask_token if need_mask_token else None, None, grad_pos)
+        return grads[:num_inputs]
+
+    torch.library.register_autograd("mae_fast::unshuffle_scatter", _backward, setup_context=_setup_context)
+
+
+def _unshuffle_cpp(x, mask_token, ids_restore, pos_embed):
+    # The op wants one dtype and contiguous inputs; the reference promotes (e.g. bf16 activations
+    # under autocast with fp32 mask_token / pos_embed -> fp32), so promote the same way. Both are
+    # no-ops (no copy) in the model's usual call.
+    dtype = torch.promote_types(x.dtype, mask_token.dtype)
+    if pos_embed is not None:
+        dtype = torch.promote_types(dtype, pos_embed.dtype)
+        pos_embed = pos_embed.to(dtype).contiguous()
+    return torch.ops.mae_fast.unshuffle_scatter(
+        x.to(dtype).contiguous(), mask_token.to(dtype).contiguous(), ids_restore.contiguous(), pos_embed)
 
 
 def unshuffle(x, mask_token, ids_restore, pos_embed=None, *, backend="auto"):
-    """x (N, 1+K, D); mask_token (1, 1, D); ids_restore (N, L); pos_embed (1, 1+L, D) or None
-    -> (N, 1+L, D)."""
-    choose(OP, x.device, backend)
+    """x (N, 1+K, D); mask_token (1, 1, D); ids_restore (N, L), each row a permutation of 0..L-1;
+    pos_embed (1, 1+L, D) or None -> (N, 1+L, D)."""
+    choice = choose(OP, x.device, backend)
+    if choice.impl == "c++":
+        return _unshuffle_cpp(x, mask_token, ids_restore, pos_embed)
     return reference.unshuffle(x, mask_token, ids_restore, pos_embed)

@@ -1,0 +1,86 @@
+// Index arithmetic of the decoder-input unshuffle-scatter, shared by the CPU implementation
+// (csrc/unshuffle.cpp) and the CUDA kernels (csrc/cuda/unshuffle_kernels.cu): the CPU tests
+// exercise exactly the arithmetic the GPU runs.
+//
+// Shapes (all contiguous, row-major):
+//   x            (N, 1+K, D)   row 0 is the cls row, rows 1..K the kept tokens in shuffled order
+//   mask_token   (1, 1, D)
+//   ids_restore  (N, L) int64  a permutation of 0..L-1 per sample; position l is kept iff
+//                              ids_restore[n, l] < K, and then holds x[n, 1 + ids_restore[n, l]]
+//   pos_embed    (1, 1+L, D)   optional, added to every output row
+//   out          (N, 1+L, D)   row 0 = x row 0, row 1+l = kept token or mask_token, (+ pos_embed)
+//
+// Backward (the official gather's scatter-add, with ids_restore a permutation):
+//   grad_x[n, 0]               = grad_out[n, 0]
+//   grad_x[n, 1+ids_restore[n,l]] = grad_out[n, 1+l]        for every kept l
+//   grad_mask_token            = sum over n and removed l of grad_out[n, 1+l]
+// The mask-token sum is deterministic: the rows of each sample are cut into chunks of
+// kRowsPerChunk; each (n, chunk) sums its removed rows in order into a partial, and the
+// partials are summed in a fixed order. No float atomics anywhere.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/OpMathType.h>
+
+#if defined(__CUDACC__)
+#define MAE_FAST_HD __host__ __device__ __forceinline__
+#else
+#define MAE_FAST_HD inline
+#endif
+
+namespace mae_fast {
+namespace unshuffle {
+
+struct Dims {
+  int64_t N;  // samples
+  int64_t L;  // patches (output has 1+L rows)
+  int64_t K;  // kept patches, len_keep (x has 1+K rows)
+  int64_t D;  // channels
+};
+
+// Rows of the output are handled in chunks of this many patches in the backward.
+constexpr int64_t kRowsPerChunk = 32;
+
+MAE_FAST_HD int64_t num_chunks(const Dims& d) { return (d.L + kRowsPerChunk - 1) / kRowsPerChunk; }
+
+// Element offset of row t of sample n of out / grad_out.
+MAE_FAST_HD int64_t out_offset(const Dims& d, int64_t n, int64_t t) { return (n * (1 + d.L) + t) * d.D; }
+
+// Element offset of row s of sample n of x / grad_x.
+MAE_FAST_HD int64_t x_offset(const Dims& d, int64_t n, int64_t s) { return (n * (1 + d.K) + s) * d.D; }
+
+// Element offset of row t of pos_embed (broadcast over samples).
+MAE_FAST_HD int64_t pos_offset(const Dims& d, int64_t t) { return t * d.D; }
+
+// Element offset of the mask-token partial sum of chunk c of sample n: partial (N, chunks, D).
+MAE_FAST_HD int64_t partial_offset(const Dims& d, int64_t n, int64_t c) {
+  return (n * num_chunks(d) + c) * d.D;
+}
+
+// The row of x that output row t (0 = cls) of sample n copies, or -1 where it holds the mask
+// token. An index outside [0, L) (which the host-side checks reject) reads as a mask token, so
+// a bad index can never make a kernel touch memory outside x.
+MAE_FAST_HD int64_t source_row(const Dims& d, const int64_t* ids_restore, int64_t n, int64_t t) {
+  if (t == 0) return 0;
+  const int64_t r = ids_restore[n * d.L + (t - 1)];
+  return (r >= 0 && r < d.K) ? 1 + r : -1;
+}
+
+// Rows [first, last) of chunk c, as output rows t (1-based: patch l is row 1+l).
+MAE_FAST_HD int64_t chunk_first_row(const Dims& d, int64_t c) { (void)d; return 1 + c * kRowsPerChunk; }
+MAE_FAST_HD int64_t chunk_last_row(const Dims& d, int64_t c) {
+  const int64_t last = 1 + (c + 1) * kRowsPerChunk;
+  return last < 1 + d.L ? last : 1 + d.L;
+}
+
+// One output element: the source value plus the positional value, added in the op-math type and
+// rounded once, which is what PyTorch's `x + pos_embed` does for every dtype (bit-exact).
+template <typename scalar_t>
+MAE_FAST_HD scalar_t add_pos(scalar_t value, scalar_t pos) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return static_cast<scalar_t>(static_cast<acc_t>(value) + static_cast<acc_t>(pos));
+}
+
+}  // namespace unshuffle
+}  // namespace mae_fast
