@@ -61,6 +61,8 @@ def triton_probe(device: torch.device) -> Tuple[bool, str]:
         return False, f"triton is not importable ({type(e).__name__}: {e})"
     if device.type == "cuda":
         return True, "CUDA tensors and triton is importable"
+    if device.type == "meta":  # shapes only: the op's fake impl runs (tracing, mae_fast.accounting)
+        return True, "meta tensors: the fused op's fake impl runs (shapes only, no kernel)"
     if device.type == "cpu" and triton_interpreting():
         return True, "TRITON_INTERPRET=1 runs the Triton kernel on CPU (slow; for tests)"
     return False, f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
