@@ -43,7 +43,11 @@ if _op_available():
 
     @torch.library.register_fake("mae_fast::unshuffle_scatter")
     def _unshuffle_scatter_fake(x, mask_token, ids_restore, pos_embed=None):
-        torch._check(x.dim() == 3 and ids_restore.dim() == 2, lambda: "x must be (N, 1+K, D), ids_restore (N, L)")
+        torch._check(x.dim() == 3 and ids_restore.dim() == 2,
+                     lambda: "mae_fast.unshuffle_scatter: x must be (N, 1+K, D), ids_restore (N, L)")
+        for name, t in (("mask_token", mask_token), ("ids_restore", ids_restore), ("pos_embed", pos_embed)):
+            torch._check(t is None or t.device == x.device,
+                         lambda: f"mae_fast.unshuffle_scatter: {name} is on {t.device}, x on {x.device}")
         return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]))
 
     @torch.library.register_fake("mae_fast::unshuffle_scatter_backward")
