@@ -86,6 +86,13 @@ def _load_xformers() -> Tuple[object, str, bool]:
     except Exception as e:
         return None, f"xformers is installed but xformers.ops does not import ({type(e).__name__}: {e})", True
     version = getattr(xformers, "__version__", "?")
+    if not getattr(xformers, "_has_cpp_library", True):
+        # e.g. a wheel built for another torch: it imports (with a warning), but every one of its
+        # CUDA operators then declines ("xFormers wasn't build with CUDA support")
+        error = getattr(getattr(xformers, "_cpp_lib", None), "_cpp_library_load_exception", None)
+        said = str(error).strip().splitlines()[0] if error else "unknown reason"
+        return None, (f"xformers {version} imports but its C++/CUDA extension did not load ({said}): "
+                      "install the xformers build made for this torch"), True
     return xops, f"xformers {version} imports", True
 
 

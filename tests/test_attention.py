@@ -11,7 +11,9 @@
   maps with the right shapes and rows summing to 1.
 """
 import dataclasses
+import importlib
 import importlib.util
+import re
 import sys
 import types
 import warnings
@@ -139,6 +141,16 @@ def broken_xformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers", pkg)
     monkeypatch.setitem(sys.modules, "xformers.ops", None)  # installed, but xformers.ops fails
     A._clear_caches()
+
+
+@pytest.fixture
+def no_cpp_xformers(monkeypatch, fake_xformers):
+    """Like xformers 0.0.35 on torch 2.14: imports, but its C++/CUDA extension did not load."""
+    pkg = sys.modules["xformers"]
+    pkg._has_cpp_library = False
+    pkg._cpp_lib = types.SimpleNamespace(_cpp_library_load_exception=RuntimeError(
+        "xFormers can't load C++/CUDA extensions. xFormers was built for:\n    PyTorch 2.10.0+cu128"))
+    return fake_xformers
 
 
 def attn_warnings(record):
@@ -287,21 +299,28 @@ def test_not_installed_falls_back_quietly(no_xformers):
     assert "not installed" in backends.choose("attention", "cpu", "auto").reason
 
 
-def test_broken_install_falls_back_with_one_warning(broken_xformers):
+WHY = {"no_xformers": "not installed", "broken_xformers": "does not import",
+       "no_cpp_xformers": "C\\+\\+/CUDA extension did not load"}
+
+
+@pytest.mark.parametrize("fixture", ["broken_xformers", "no_cpp_xformers"])
+def test_broken_install_falls_back_with_one_warning(fixture, request):
+    request.getfixturevalue(fixture)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for _ in range(3):
             c = backends.choose("attention", "cuda", "auto")
             backends._cached_choice.cache_clear()  # ask the chooser again, not the cache
-    assert c.impl == "sdpa" and "does not import" in c.reason
+    assert c.impl == "sdpa"
     (w,) = attn_warnings(record)
-    assert "does not import" in str(w.message)
+    for said in (c.reason, str(w.message)):
+        assert re.search(WHY[fixture], said), said
 
 
-@pytest.mark.parametrize("fixture", ["no_xformers", "broken_xformers"])
+@pytest.mark.parametrize("fixture", ["no_xformers", "broken_xformers", "no_cpp_xformers"])
 def test_explicit_xformers_unavailable_is_an_error(fixture, request, monkeypatch):
     request.getfixturevalue(fixture)
-    why = "not installed" if fixture == "no_xformers" else "does not import"
+    why = WHY[fixture]
     qkv = make_qkv(2, 10, 2, 4, torch.float32)
     with pytest.raises(RuntimeError, match=f"backend='xformers' asked for, but .*{why}"):
         A.attend(qkv, 2, 0.5, backend="xformers")
@@ -385,9 +404,10 @@ def test_model_backend_names():
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is None, reason="xformers is not installed")
 def test_real_xformers_dispatcher_is_asked():
     """With the real package: mae_fast's use of xformers' (private) dispatcher still works."""
-    xops, why, installed = A._load_xformers()
-    if xops is None:
-        pytest.skip(why)
+    xformers = importlib.import_module("xformers")
+    xops = importlib.import_module("xformers.ops")
+    loaded, why, installed = A._load_xformers()
+    assert installed and (loaded is None) == (not xformers._has_cpp_library), why
     q, k, v = A._split_bmhk(make_qkv(2, 10, 2, 4, torch.float32), 2)
     reason = A._xformers_rejection(xops, q, k, v, 0.5, True)
     assert reason is not None and "device=cpu" in reason and "shape=" not in reason
