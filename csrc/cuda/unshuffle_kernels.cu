@@ -20,14 +20,37 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// Packs whose size is a multiple of 16 bytes move as uint4 pieces through the load/store
+// intrinsics, which always emit 128-bit accesses (ld.global.nc.v4 / st.global.wb.v4): plain struct
+// copies were split into 32-bit stores in the backward loop. Every pointer given here is read-only
+// for the kernel's lifetime (load) or written by one thread only (store).
 template <typename T, int VEC>
 __device__ __forceinline__ Pack<T, VEC> load(const T* p) {
-  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+  Pack<T, VEC> v;
+  if constexpr (sizeof(Pack<T, VEC>) % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < int(sizeof(Pack<T, VEC>) / 16); ++i) {
+      const uint4 bits = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      memcpy(reinterpret_cast<char*>(&v) + 16 * i, &bits, 16);
+    }
+  } else {
+    v = *reinterpret_cast<const Pack<T, VEC>*>(p);
+  }
+  return v;
 }
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store(T* p, const Pack<T, VEC>& v) {
-  *reinterpret_cast<Pack<T, VEC>*>(p) = v;
+  if constexpr (sizeof(Pack<T, VEC>) % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < int(sizeof(Pack<T, VEC>) / 16); ++i) {
+      uint4 bits;
+      memcpy(&bits, reinterpret_cast<const char*>(&v) + 16 * i, 16);
+      __stwb(reinterpret_cast<uint4*>(p) + i, bits);
+    }
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(p) = v;
+  }
 }
 
 // One thread per (output row, VEC-wide slice of D).
@@ -72,9 +95,9 @@ __global__ void backward_rows_kernel(const T* __restrict__ grad_out, const int64
     if (c == 0) {  // the cls row passes through
       store<T, VEC>(grad_x + x_offset(dims, n, 0) + col, load<T, VEC>(grad_out + out_offset(dims, n, 0) + col));
     }
-    acc_t acc[VEC];
+    Pack<acc_t, VEC> acc;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
+    for (int k = 0; k < VEC; ++k) acc.v[k] = acc_t(0);
     for (int64_t t = chunk_first_row(dims, c); t < chunk_last_row(dims, c); ++t) {
       const Pack<T, VEC> g = load<T, VEC>(grad_out + out_offset(dims, n, t) + col);
       const int64_t s = source_row(dims, ids_restore, n, t);
@@ -82,12 +105,10 @@ __global__ void backward_rows_kernel(const T* __restrict__ grad_out, const int64
         store<T, VEC>(grad_x + x_offset(dims, n, s) + col, g);
       } else {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[k] += static_cast<acc_t>(g.v[k]);
+        for (int k = 0; k < VEC; ++k) acc.v[k] += static_cast<acc_t>(g.v[k]);
       }
     }
-    acc_t* dst = partial + partial_offset(dims, n, c) + col;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) dst[k] = acc[k];
+    store<acc_t, VEC>(partial + partial_offset(dims, n, c) + col, acc);
   }
 }
 
@@ -172,9 +193,9 @@ void launch_forward(c10::ScalarType dtype, const void* x, const void* mask_token
 void launch_backward(c10::ScalarType dtype, const void* grad_out, const int64_t* ids_restore, void* grad_x,
                      void* partial, void* grad_mask_token, const Dims& dims, cudaStream_t stream) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "unshuffle_scatter_backward_cuda", [&] {
-    // partial is written as VEC op-math values per thread at offsets that are multiples of VEC
+    // partial takes Packs of kVec op-math values (16 or 32 bytes) at offsets that are multiples of kVec
     constexpr int kVec = 16 / sizeof(scalar_t);
-    if (dims.D % kVec == 0 && aligned16(grad_out) && aligned16(grad_x)) {
+    if (dims.D % kVec == 0 && aligned16(grad_out) && aligned16(grad_x) && aligned16(partial)) {
       backward_typed<scalar_t, kVec>(grad_out, ids_restore, grad_x, partial, grad_mask_token, dims, stream);
     } else {
       backward_typed<scalar_t, 1>(grad_out, ids_restore, grad_x, partial, grad_mask_token, dims, stream);
