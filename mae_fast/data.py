@@ -1,0 +1,264 @@
+"""Images for pretraining, with PIL and torch only (no torchvision).
+
+* ``ImageFolder``: an ImageNet-style tree ``root/<class>/<image>`` (or ``root/train/<class>/...``).
+* ``BuiltinImages``: real photos shipped inside the scikit-image wheel (``skimage.data``: astronaut,
+  coffee, chelsea, rocket, ...) and its 200 LFW faces; no download.
+* ``TrainTransform``: the official pretraining augmentation, RandomResizedCrop(scale=(0.2, 1.0),
+  bicubic) + horizontal flip + ToTensor + ImageNet normalisation, re-implemented on PIL.
+
+Randomness is *stateless*: a sample is asked for as ``(index, sample_seed)`` and its crop and flip
+come from ``numpy.random.default_rng(sample_seed)``. The pipeline therefore gives the same pixels
+whatever the number of workers, and a resumed run sees exactly the images an uninterrupted run
+would have seen (see ``mae_fast.pretrain``). A plain ``int`` index gives the deterministic
+evaluation view (resize + center crop).
+"""
+import math
+import os
+from typing import List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+Key = Union[int, Tuple[int, int]]  # index (eval view) or (index, sample_seed) (train view)
+
+
+class DataError(ValueError):
+    """A data path or data set that cannot be used (missing, empty, unreadable)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale=(0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+    """torchvision's RandomResizedCrop.get_params, driven by ``rng``: (left, top, w, h)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    # fallback: central crop of the whole image at the nearest allowed ratio
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def to_normalized_tensor(img: Image.Image, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """PIL RGB (H, W) -> float32 (3, H, W): ToTensor (/255) then Normalize(mean, std)."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, H, W)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def denormalize(x: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """(N, 3, H, W) normalised -> pixel values in [0, 1] (clamped)."""
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * std_t + mean_t).clamp(0, 1)
+
+
+class TrainTransform:
+    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5) + normalise."""
+
+    def __init__(self, size: int, scale=(0.2, 1.0)):
+        self.size = int(size)
+        self.scale = tuple(scale)
+
+    def __call__(self, img: Image.Image, sample_seed: int) -> torch.Tensor:
+        rng = np.random.default_rng(sample_seed)
+        left, top, w, h = random_resized_crop_box(img.width, img.height, rng, self.scale)
+        out = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        if rng.random() < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(out)
+
+
+class EvalTransform:
+    """Resize the short side to ``size`` (bicubic) and center-crop ``size`` x ``size``."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        s = min(img.width, img.height)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        out = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + s, top + s))
+        return to_normalized_tensor(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# data sets
+class _Images(torch.utils.data.Dataset):
+    """Common ``__getitem__``: ``(index, sample_seed)`` -> augmented view, ``index`` -> eval view."""
+
+    def __init__(self, size: int, scale=(0.2, 1.0)):
+        self.train_transform = TrainTransform(size, scale)
+        self.eval_transform = EvalTransform(size)
+
+    def image(self, index: int) -> Image.Image:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def label(self, index: int) -> int:
+        return 0
+
+    def __getitem__(self, key: Key) -> torch.Tensor:
+        if isinstance(key, (tuple, list)):
+            index, sample_seed = key
+            return self.train_transform(self.image(int(index)), int(sample_seed))
+        return self.eval_transform(self.image(int(key)))
+
+    def preview_indices(self, n: int) -> List[int]:
+        """``n`` indices spread over the data set, for the reconstruction pictures."""
+        n = min(n, len(self))
+        return [int(i) for i in np.linspace(0, len(self) - 1, n).round()] if n > 1 else [0]
+
+
+def _open_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class ImageFolder(_Images):
+    """``root/<class>/<image>`` (ImageNet layout). ``root/train`` is used when it exists.
+
+    Classes are the sorted sub-folders (labels 0..K-1); image files are found recursively inside
+    each class folder. Images directly under ``root`` (no class folders) form a single class.
+    """
+
+    def __init__(self, root: str, size: int, scale=(0.2, 1.0)):
+        super().__init__(size, scale)
+        root = os.path.expanduser(os.fspath(root))
+        if not os.path.exists(root):
+            raise DataError(f"--data-path {root!r} does not exist")
+        if not os.path.isdir(root):
+            raise DataError(f"--data-path {root!r} is not a directory")
+        if os.path.isdir(os.path.join(root, "train")):
+            root = os.path.join(root, "train")
+        self.root = root
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        samples = []
+        for label, cls in enumerate(classes):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
+                dirnames.sort()
+                samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
+                            if f.lower().endswith(IMG_EXTENSIONS)]
+        if not classes:  # a flat folder of images
+            samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root))
+                       if f.lower().endswith(IMG_EXTENSIONS)]
+            classes = ["."]
+        if not samples:
+            raise DataError(f"--data-path {root!r} holds no images ({', '.join(IMG_EXTENSIONS)}) "
+                            f"in class sub-folders root/<class>/<image>")
+        self.classes = classes
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image(self, index: int) -> Image.Image:
+        path = self.samples[index][0]
+        try:
+            return _open_rgb(path)
+        except Exception as e:
+            raise DataError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
+
+# scikit-image sample photos (files inside the skimage wheel; none is downloaded)
+BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+                  "retina", "camera", "coins", "moon", "brick", "grass", "gravel", "clock", "horse")
+
+
+def _builtin_sources():
+    try:
+        import skimage.data as skdata
+    except ImportError as e:
+        raise DataError("the built-in data set needs scikit-image (pip install scikit-image), "
+                        "or pass --data-path to an ImageFolder tree") from e
+    photos, names = [], []
+    for name in BUILTIN_PHOTOS:
+        try:
+            arr = np.asarray(getattr(skdata, name)())
+        except Exception:  # a sample missing from this scikit-image version
+            continue
+        photos.append(_array_to_rgb(arr))
+        names.append(name)
+    try:
+        left, right, _ = skdata.stereo_motorcycle()
+        photos += [_array_to_rgb(left), _array_to_rgb(right)]
+        names += ["motorcycle_left", "motorcycle_right"]
+    except Exception:
+        pass
+    try:
+        faces = [_array_to_rgb(f) for f in np.asarray(skdata.lfw_subset())]  # 200 x (25, 25) in [0, 1]
+    except Exception:
+        faces = []
+    if not photos and not faces:
+        raise DataError("scikit-image ships no sample images here; pass --data-path")
+    return photos, names, faces
+
+
+def _array_to_rgb(arr: np.ndarray) -> Image.Image:
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(np.float64), 0.0, 1.0) * 255).round().astype(np.uint8) \
+            if arr.max() <= 1.0 else np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(arr[:, :, :3]))
+
+
+class BuiltinImages(_Images):
+    """``length`` samples from the scikit-image sample photos and LFW faces; no download.
+
+    Even indices cycle through the photos, odd ones through the faces (so the 200 small faces
+    do not drown the ~17 large photos); every training sample is a fresh random crop.
+    """
+
+    def __init__(self, size: int, length: int = 4096, scale=(0.2, 1.0)):
+        super().__init__(size, scale)
+        if length < 1:
+            raise DataError(f"the built-in data set needs a positive length, got {length}")
+        self.photos, self.photo_names, self.faces = _builtin_sources()
+        self.length = int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def image(self, index: int) -> Image.Image:
+        if not self.faces:
+            return self.photos[index % len(self.photos)]
+        if not self.photos:
+            return self.faces[index % len(self.faces)]
+        pool = self.photos if index % 2 == 0 else self.faces
+        return pool[(index // 2) % len(pool)]
+
+    def preview_indices(self, n: int) -> List[int]:
+        """Distinct photos first (even indices), then faces."""
+        photos = [2 * i for i in range(min(len(self.photos), self.length // 2 or 1))]
+        faces = [2 * i + 1 for i in range(min(len(self.faces), self.length // 2))]
+        picks = (photos[: (n + 1) // 2] + faces[: n // 2])
+        picks += [i for i in photos + faces if i not in picks]
+        return [i for i in picks if i < self.length][:n]
+
+
+def stack(batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(batch), 0)
