@@ -242,11 +242,14 @@ def test_duplicate_ids_are_refused_in_the_scatter():
         pe.scatter_patches(torch.randn(1, 2, 48), ids_keep, 4, 8, 8, False)
 
 
-@pytest.mark.parametrize("patch_size, norm_pix_loss", [(4, True), (8, False)])
-def test_whole_model_fast_equals_reference(patch_size, norm_pix_loss, monkeypatch):
+@pytest.mark.parametrize("patch_size, norm_pix_loss, embed_mode", [(4, True, "split"), (8, False, "split"),
+                                                                    (8, True, "gemm")])
+def test_whole_model_fast_equals_reference(patch_size, norm_pix_loss, embed_mode, monkeypatch):
     """A tiny MAE (img 32, embed 64, depth 1), fp32: backend="fast" (Triton encoder input and
-    loss, interpreted) against backend="reference": loss, pred, mask and every gradient."""
+    loss, interpreted) against backend="reference": loss, pred, mask and every gradient.
+    embed_mode "gemm" runs the encoder input as the one-kernel GEMM (MAE_FAST_PATCH_EMBED)."""
     from mae_fast.model import MaskedAutoencoderViT
+    monkeypatch.setenv("MAE_FAST_PATCH_EMBED", embed_mode)
     try:
         choose("unshuffle", "cpu", "fast")
     except RuntimeError:  # the decoder-input op is another issue's; keep it on the reference here
@@ -276,3 +279,75 @@ def test_whole_model_fast_equals_reference(patch_size, norm_pix_loss, monkeypatc
             continue
         torch.testing.assert_close(p_fast.grad, p_ref.grad, atol=1e-5, rtol=1e-4,
                                    msg=lambda m: f"{name}: {m}")
+
+
+# ---- stretch: the one-kernel GEMM (gather prologue, pos/cls epilogue) ----------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p, C, hw, N, ratio", CASES[::2] + [(4, 3, (12, 8), 3, 0.5)])
+def test_gemm_kernel_matches_reference(p, C, hw, N, ratio, dtype):
+    """fp32: within 1e-5 of the reference (IEEE fp32 products). fp16/bf16: its error against
+    the fp32 reference is at most 2x the reference's own error in that dtype (+ a floor)."""
+    L, D = (hw[0] // p) * (hw[1] // p), 40
+    imgs = _images(N, C, *hw, dtype, channels_last=(N == 3)).requires_grad_()
+    weight = (torch.randn(D, C, p, p) * 0.05).to(dtype).requires_grad_()
+    bias = torch.randn(D).to(dtype).requires_grad_()
+    pos_embed, cls_token = torch.randn(1, 1 + L, D).requires_grad_(), torch.randn(1, 1, D).requires_grad_()
+    ids_keep = _kept(N, L, ratio)
+    inputs = [imgs, weight, bias, pos_embed, cls_token]
+    got = pe.patch_embed_gemm(*inputs, ids_keep, dtype)
+    want = reference.patch_embed_masked(*inputs, ids_keep)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    grad_out = torch.randn_like(want)
+    results = [(got, *torch.autograd.grad(got, inputs, grad_out)),
+               (want, *torch.autograd.grad(want, inputs, grad_out))]
+    names = ("tokens", "imgs", "weight", "bias", "pos_embed", "cls_token")
+    if dtype == torch.float32:
+        for name, g, w in zip(names, *results):
+            torch.testing.assert_close(g, w, atol=1e-5 * max(1.0, w.abs().max().item()), rtol=1e-5,
+                                       msg=lambda m: f"{name}: {m}")
+        return
+    exact_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    exact_out = reference.patch_embed_masked(*exact_inputs, ids_keep)
+    exact = (exact_out, *torch.autograd.grad(exact_out, exact_inputs, grad_out))
+    for name, g, w, e in zip(names, *results, exact):
+        err_fast, err_torch = (g.float() - e).abs().max().item(), (w.float() - e).abs().max().item()
+        floor = 2.0 ** -7 * max(1.0, e.abs().max().item())  # one bf16 ulp (interpreter truncates)
+        assert err_fast <= 2 * err_torch + floor, f"{name}: {err_fast} > 2 * {err_torch} + {floor}"
+
+
+def test_gemm_opcheck_and_torch_fallback(monkeypatch):
+    p, N, C, H, W, D = 4, 2, 3, 8, 12, 16
+    L = (H // p) * (W // p)
+    args = (torch.randn(N, C, H, W, requires_grad=True), torch.randn(D, C, p, p, requires_grad=True),
+            torch.randn(D, requires_grad=True), torch.randn(1, 1 + L, D), torch.randn(1, 1, D, requires_grad=True),
+            _kept(N, L, 0.5), torch.float32)
+    torch.library.opcheck(pe.patch_embed_gemm, args)
+    no_bias = args[:2] + (None,) + args[3:]
+    torch.library.opcheck(pe.patch_embed_gemm, no_bias)
+    triton_out = pe.patch_embed_gemm(*args)
+    monkeypatch.setattr(pe, "_triton_runs", lambda device: False)
+    torch.testing.assert_close(pe.patch_embed_gemm(*args), triton_out, atol=1e-5, rtol=1e-5)
+
+
+def test_gemm_mode_is_picked_by_env_and_compiles(monkeypatch):
+    p, N, C, H, W, D = 4, 2, 3, 8, 8, 16
+    L = (H // p) * (W // p)
+    weight, bias = torch.randn(D, C, p, p, requires_grad=True), torch.randn(D, requires_grad=True)
+    pos_embed, cls_token = torch.randn(1, 1 + L, D), torch.randn(1, 1, D, requires_grad=True)
+    imgs, ids_keep = torch.randn(N, C, H, W), _kept(N, L, 0.5)
+    calls = []
+    real = pe.patch_embed_gemm
+    monkeypatch.setenv("MAE_FAST_PATCH_EMBED", "gemm")
+    monkeypatch.setattr(pe, "patch_embed_gemm", lambda *a: calls.append(1) or real(*a))
+    ops.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, backend="fast")
+    assert calls
+    monkeypatch.setattr(pe, "patch_embed_gemm", real)
+    compiled = torch.compile(lambda i, k: ops.patch_embed_masked(i, weight, bias, pos_embed, cls_token, k,
+                                                                 backend="fast"),
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(imgs, ids_keep),
+                               reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep))
+    monkeypatch.setenv("MAE_FAST_PATCH_EMBED", "fused-typo")
+    with pytest.raises(ValueError, match="MAE_FAST_PATCH_EMBED"):
+        ops.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, backend="fast")

@@ -61,7 +61,7 @@ def launches():
     """[(label, module, kernel name, args, kwargs)]: every kernel launch of one ViT-L/16 step
     (batch 256, 224 px, fp32 images, bf16 activations as under autocast), on meta tensors."""
     import torch
-    from mae_fast.kernels import masked_loss, patch_gather
+    from mae_fast.kernels import masked_loss, patch_embed_gemm, patch_gather
 
     meta = torch.device("meta")
     N, C, H, W, p, D = 256, 3, 224, 224, 16, 1024
@@ -75,6 +75,7 @@ def launches():
     mask = torch.empty(N, L, device=meta)
     loss, mask_sum = torch.empty((), device=meta), torch.empty((), device=meta)
     grad_loss = torch.empty((), device=meta)
+    weight, bias = torch.empty(D, C, p, p, device=meta), torch.empty(D, device=meta)
 
     calls = [
         ("gather nchw", patch_gather, lambda: patch_gather.gather_patches(imgs, ids_keep, p)),
@@ -89,6 +90,10 @@ def launches():
             grad_loss, imgs, pred, mask, mask_sum, p, True, False)),
         ("loss bwd normpix+imgs", masked_loss, lambda: masked_loss.masked_loss_bwd(
             grad_loss, imgs, pred, mask, mask_sum, p, True, True)),
+        ("gemm bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
+            imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32)),
+        ("gemm fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
+            imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.float32, torch.float32)),
     ]
     out, seen = [], set()
     for label, module, call in calls:
@@ -122,6 +127,8 @@ def _arg_type(a):
         return "i64" if not -2 ** 31 <= a < 2 ** 31 else "i32"
     if isinstance(a, float):
         return "fp32"
+    if a is None:
+        return "constexpr"
     raise TypeError(f"unsupported kernel argument {a!r}")
 
 

@@ -12,8 +12,12 @@ is per patch. Each op is a ``torch.library.custom_op`` with a fake impl (meta te
 ``backends.triton_probe`` says it runs (CUDA, or CPU under TRITON_INTERPRET=1) and run a torch
 version of the same gather elsewhere. ``torch.library.triton_op`` is not used: under the
 interpreter on CPU it fails ("invalid python storage"), see DESIGN.md.
+
+Stretch, opt-in with ``MAE_FAST_PATCH_EMBED=gemm``: ``mae_fast::patch_embed_gemm`` does all three
+steps in one Triton GEMM (gather prologue, pos/cls epilogue); its GPU speed is not measured.
 """
-from typing import Tuple
+import os
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -163,24 +167,108 @@ def _add_pos_cls_setup(ctx, inputs, output):
     ctx.pos_shape = pos_embed.shape
 
 
-def _add_pos_cls_backward(ctx, grad_out):
-    (ids_keep,) = ctx.saved_tensors
-    x_dtype, pos_dtype, cls_dtype = ctx.dtypes
-    grad_x = grad_pos = grad_cls = None
-    if ctx.needs_input_grad[0]:
-        grad_x = grad_out[:, 1:].to(x_dtype)
-    if ctx.needs_input_grad[2]:
+def _pos_cls_grads(grad_out, ids_keep, pos_shape, pos_dtype, cls_dtype, want_pos, want_cls):
+    """Gradients of the pos/cls epilogue: grad_out (N, 1+K, D) -> (grad_pos_embed, grad_cls_token)."""
+    grad_pos = grad_cls = None
+    if want_cls:
         grad_cls = grad_out[:, :1].sum(0, keepdim=True).to(cls_dtype)
-    if ctx.needs_input_grad[1]:  # pos_embed is frozen in MAE; correct anyway
+    if want_pos:  # pos_embed is frozen in MAE; correct anyway
         D = grad_out.shape[-1]
-        grad_pos = grad_out.new_zeros(ctx.pos_shape[1:])  # (1+L, D)
+        grad_pos = grad_out.new_zeros(pos_shape[1:])  # (1+L, D)
         grad_pos.index_add_(0, 1 + ids_keep.reshape(-1).long(), grad_out[:, 1:].reshape(-1, D))
         grad_pos[0] += grad_out[:, 0].sum(0)
         grad_pos = grad_pos.unsqueeze(0).to(pos_dtype)
+    return grad_pos, grad_cls
+
+
+def _add_pos_cls_backward(ctx, grad_out):
+    (ids_keep,) = ctx.saved_tensors
+    x_dtype, pos_dtype, cls_dtype = ctx.dtypes
+    grad_x = grad_out[:, 1:].to(x_dtype) if ctx.needs_input_grad[0] else None
+    grad_pos, grad_cls = _pos_cls_grads(grad_out, ids_keep, ctx.pos_shape, pos_dtype, cls_dtype,
+                                        ctx.needs_input_grad[1], ctx.needs_input_grad[2])
     return grad_x, grad_pos, grad_cls, None
 
 
 add_pos_cls.register_autograd(_add_pos_cls_backward, setup_context=_add_pos_cls_setup)
+
+
+# ---- stretch: the whole encoder input as one Triton GEMM -----------------------------------
+
+def _gemm_out_dtype(compute_dtype, pos_embed, cls_token) -> torch.dtype:
+    """The reference's dtype: conv output (compute dtype) + pos, cat with cls + pos."""
+    return torch.promote_types(torch.promote_types(compute_dtype, pos_embed.dtype), cls_token.dtype)
+
+
+@torch.library.custom_op("mae_fast::patch_embed_gemm", mutates_args=())
+def patch_embed_gemm(imgs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     pos_embed: torch.Tensor, cls_token: torch.Tensor, ids_keep: torch.Tensor,
+                     compute_dtype: torch.dtype) -> torch.Tensor:
+    """One kernel: gather of kept patches (prologue) -> GEMM with the flattened Conv2d weight
+    in ``compute_dtype`` (fp32 accumulation) -> + bias + pos rows, cls row (epilogue).
+    -> tokens (N, 1+K, D)."""
+    p = weight.shape[-1]
+    check_ids(ids_keep, (imgs.shape[2] // p) * (imgs.shape[3] // p), "ids_keep")
+    out_dtype = _gemm_out_dtype(compute_dtype, pos_embed, cls_token)
+    if _triton_runs(imgs.device):
+        from ..kernels import patch_embed_gemm as kernels
+        return kernels.patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
+                                        compute_dtype, out_dtype)
+    x = F.linear(gather_patches(imgs, ids_keep, p).to(compute_dtype),
+                 weight.reshape(weight.shape[0], -1).to(compute_dtype),
+                 None if bias is None else bias.to(compute_dtype))
+    return add_pos_cls(x, pos_embed, cls_token, ids_keep).to(out_dtype)
+
+
+@patch_embed_gemm.register_fake
+def _(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype):
+    return imgs.new_empty((imgs.shape[0], 1 + ids_keep.shape[1], weight.shape[0]),
+                          dtype=_gemm_out_dtype(compute_dtype, pos_embed, cls_token))
+
+
+def _gemm_setup(ctx, inputs, output):
+    imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype = inputs
+    ctx.save_for_backward(imgs if ctx.needs_input_grad[1] else None, weight, ids_keep)
+    ctx.imgs_meta = (imgs.shape, imgs.dtype, imgs.dim() == 4 and not imgs.is_contiguous()
+                     and imgs.is_contiguous(memory_format=torch.channels_last))
+    ctx.dtypes = (None if bias is None else bias.dtype, pos_embed.dtype, cls_token.dtype)
+    ctx.pos_shape = pos_embed.shape
+
+
+def _gemm_backward(ctx, grad_out):
+    """grad_out (N, 1+K, D). The GEMM's gradients in fp32 from torch matmuls on the kept
+    patches (re-gathered, not saved); the gather's and the epilogue's as in the split path."""
+    imgs, weight, ids_keep = ctx.saved_tensors
+    imgs_shape, imgs_dtype, channels_last = ctx.imgs_meta
+    bias_dtype, pos_dtype, cls_dtype = ctx.dtypes
+    D, p = weight.shape[0], weight.shape[-1]
+    grad_tokens = grad_out[:, 1:].float()  # (N, K, D)
+    grad_imgs = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_patches = (grad_tokens @ weight.reshape(D, -1).float()).to(imgs_dtype)  # (N, K, C*p*p)
+        grad_imgs = scatter_patches(grad_patches, ids_keep, p, imgs_shape[2], imgs_shape[3],
+                                    channels_last)
+    if ctx.needs_input_grad[1]:
+        patches = gather_patches(imgs, ids_keep, p).float()  # (N, K, C*p*p)
+        grad_weight = (grad_tokens.reshape(-1, D).t() @ patches.reshape(-1, patches.shape[-1]))
+        grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad_tokens.sum((0, 1)).to(bias_dtype)
+    grad_pos, grad_cls = _pos_cls_grads(grad_out, ids_keep, ctx.pos_shape, pos_dtype, cls_dtype,
+                                        ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+    return grad_imgs, grad_weight, grad_bias, grad_pos, grad_cls, None, None
+
+
+patch_embed_gemm.register_autograd(_gemm_backward, setup_context=_gemm_setup)
+
+
+def _use_gemm_kernel() -> bool:
+    """MAE_FAST_PATCH_EMBED=gemm picks the one-kernel GEMM (stretch; GPU speed not measured);
+    the default "split" is gather -> cuBLAS (F.linear) -> pos/cls epilogue."""
+    mode = os.environ.get("MAE_FAST_PATCH_EMBED", "split")
+    if mode not in ("split", "gemm"):
+        raise ValueError(f"MAE_FAST_PATCH_EMBED must be 'split' or 'gemm', got {mode!r}")
+    return mode == "gemm"
 
 
 # ---- the public op -------------------------------------------------------------------------
@@ -224,6 +312,12 @@ def patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, *, ba
             raise TypeError(f"backend='fast': {OP} supports imgs in {FAST_DTYPES}, got {imgs.dtype}")
         return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
     p, _ = _check_inputs(imgs, weight, bias, pos_embed, cls_token, ids_keep)
+    if _use_gemm_kernel():
+        if torch.is_autocast_enabled(imgs.device.type):
+            compute_dtype = torch.get_autocast_dtype(imgs.device.type)
+        else:
+            compute_dtype = torch.promote_types(imgs.dtype, weight.dtype)
+        return patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype)
     patches = gather_patches(imgs, ids_keep, p)  # (N, K, C*p*p)
     x = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)  # (N, K, D)
     return add_pos_cls(x, pos_embed, cls_token, ids_keep)  # (N, 1+K, D)

@@ -1,0 +1,118 @@
+"""Stretch: the patch-embed GEMM itself in Triton, image -> encoder tokens in one kernel.
+
+``_patch_embed_gemm_kernel`` computes out (N, 1+K, D) as a GEMM over M = N*(1+K) token rows:
+  prologue  the A tile of a row is gathered straight from ``imgs`` (the kept patch
+            ``ids_keep[n, t-1]``, (c, p, q) order = the Conv2d weight's), any strides;
+            cls rows (t = 0) load nothing;
+  main loop ``acc += A @ W^T`` over the C*p*p reduction, in ``DOT_DTYPE`` (fp32 uses IEEE
+            fp32 products, like torch's default matmul; bf16/fp16 use the tensor-core MMA,
+            fp32 accumulation);
+  epilogue  + bias + pos_embed[1 + ids_keep] (patch rows) or cls_token + pos_embed[0] (cls rows),
+            in fp32, one rounding to out's dtype.
+Index map: the same as ``patch_gather`` (patch l at grid row l // grid_w, column l % grid_w).
+"""
+import triton
+import triton.language as tl
+import torch
+
+
+@triton.jit
+def _patch_embed_gemm_kernel(
+    imgs_ptr, ids_keep_ptr, w_ptr, bias_ptr, pos_ptr, cls_ptr, out_ptr,
+    num_rows, num_keep, grid_w, dim,
+    stride_in, stride_ic, stride_ih, stride_iw,
+    stride_kn, stride_kk,
+    stride_wd, stride_pos,
+    CHANS: tl.constexpr, PATCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # token rows n * (1+K) + t
+    row_ok = rows < num_rows
+    n = rows // (num_keep + 1)
+    t = rows % (num_keep + 1)
+    is_patch = row_ok & (t > 0)
+    patch_id = tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + (t - 1) * stride_kk,
+                       mask=is_patch, other=0).to(tl.int32)
+    patch_row = patch_id // grid_w
+    patch_col = patch_id % grid_w
+    a_base = (n.to(tl.int64) * stride_in + (patch_row * PATCH) * stride_ih
+              + (patch_col * PATCH) * stride_iw)  # [BLOCK_M]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < dim
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, CHANS * PATCH * PATCH, BLOCK_K):
+        e = k0 + tl.arange(0, BLOCK_K)  # reduction index, (c, i, j) order
+        e_ok = e < CHANS * PATCH * PATCH
+        c = e // (PATCH * PATCH)
+        i = (e // PATCH) % PATCH
+        j = e % PATCH
+        a_offs = c * stride_ic + i * stride_ih + j * stride_iw
+        a = tl.load(imgs_ptr + a_base[:, None] + a_offs[None, :],
+                    mask=is_patch[:, None] & e_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * stride_wd + e[:, None],
+                    mask=e_ok[:, None] & col_ok[None, :], other=0.0)  # W^T tile [BLOCK_K, BLOCK_N]
+        if EMULATE_DOT:  # the interpreter's tl.dot cannot take bf16 (numpy sees uint16)
+            acc = tl.dot(a.to(DOT_DTYPE).to(tl.float32), b.to(DOT_DTYPE).to(tl.float32), acc,
+                         input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
+
+    pos_row = tl.where(t == 0, 0, 1 + patch_id)
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    pos = tl.load(pos_ptr + pos_row[:, None] * stride_pos + cols[None, :], mask=out_ok, other=0.0)
+    cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    extra = tl.where((t == 0)[:, None], cls[None, :], bias[None, :])
+    val = acc + extra + pos.to(tl.float32)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * dim + cols[None, :],
+             val.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
+                     compute_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """imgs (N, C, H, W); weight (D, C, p, p); bias (D,) or None; pos_embed (1, 1+L, D);
+    cls_token (1, 1, D); ids_keep (N, K) -> tokens (N, 1+K, D) in out_dtype."""
+    N, C, H, W = imgs.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    K = ids_keep.shape[1]
+    w2d = weight.reshape(D, -1)
+    if w2d.stride(1) != 1:
+        w2d = w2d.contiguous()
+    pos = pos_embed[0]
+    if pos.stride(-1) != 1:
+        pos = pos.contiguous()
+    cls = cls_token.reshape(D).contiguous()
+    out = imgs.new_empty((N, 1 + K, D), dtype=out_dtype)
+    num_rows = N * (1 + K)
+    if out.numel() == 0:
+        return out
+    # 64x128x32 on 8 warps: the largest tile with 0 ptxas spills on sm_80/90/100 for both the
+    # bf16 MMA and the fp32 IEEE variant (tools/triton_aot.py); not tuned on a GPU
+    block_m, block_k = 64, 32
+    block_n = max(16, min(128, triton.next_power_of_2(D)))
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(D, block_n))
+    _patch_embed_gemm_kernel[grid](
+        imgs, ids_keep, w2d, bias if bias is not None else cls, pos, cls, out,
+        num_rows, K, W // p, D,
+        *imgs.stride(), *ids_keep.stride(),
+        w2d.stride(0), pos.stride(0),
+        CHANS=C, PATCH=p, HAS_BIAS=bias is not None,
+        DOT_DTYPE=_TL_DTYPE[compute_dtype], IEEE=compute_dtype == torch.float32,
+        # Triton 3.8's interpreter multiplies bf16 tiles as raw uint16: under it (CPU tensors)
+        # round the tiles to the compute dtype and multiply exactly in fp32 instead
+        EMULATE_DOT=imgs.device.type == "cpu" and compute_dtype != torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3,
+    )
+    return out
