@@ -180,6 +180,7 @@ def _loss_args():
     (lambda a: a.__setitem__(2, a[2][:1]), ValueError, r"mask must be \(2, 4\)"),
     (lambda a: a.__setitem__(3, 3), ValueError, "not a whole number of 3x3 patches"),
     (lambda a: a.__setitem__(0, a[0][0]), ValueError, r"imgs must be \(N, C, H, W\)"),
+    (lambda a: a.__setitem__(2, a[2].to("meta")), ValueError, "all inputs must be on one device"),
 ])
 def test_bad_input_gives_a_clear_error(change, exc, match):
     args = _loss_args()

@@ -227,6 +227,7 @@ def _embed_args(N=2, C=3, H=8, W=8, p=4, D=8):
     (lambda a: a.__setitem__(3, a[3][:, :3]), ValueError, r"pos_embed must be \(1, 5, 8\)"),
     (lambda a: a.__setitem__(4, a[4][..., :3]), ValueError, r"cls_token must be"),
     (lambda a: a.__setitem__(2, a[2][:3]), ValueError, r"bias must be"),
+    (lambda a: a.__setitem__(5, a[5].to("meta")), ValueError, "all inputs must be on one device"),
 ])
 def test_bad_input_gives_a_clear_error(change, exc, match):
     args = _embed_args()

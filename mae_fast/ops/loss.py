@@ -19,7 +19,7 @@ import torch
 
 from .. import reference
 from ..backends import choose, register_fast, triton_probe
-from .patch_embed import FAST_DTYPES, fast_dtypes_ok
+from .patch_embed import FAST_DTYPES, check_same_device, fast_dtypes_ok
 
 OP = "masked_loss"
 register_fast(OP, "triton", triton_probe)
@@ -93,6 +93,7 @@ masked_loss_op.register_autograd(_backward, setup_context=_setup)
 
 
 def _check_inputs(imgs, pred, mask, patch_size: int) -> None:
+    check_same_device(imgs=imgs, pred=pred, mask=mask)
     if imgs.dim() != 4:
         raise ValueError(f"imgs must be (N, C, H, W), got shape {tuple(imgs.shape)}")
     N, C, H, W = imgs.shape

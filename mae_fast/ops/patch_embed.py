@@ -40,7 +40,8 @@ def check_ids(ids: torch.Tensor, num_patches: int, name: str, distinct: bool = F
     ValueError; on CUDA a device-side assert (no host sync)."""
     if ids.numel() == 0:
         return
-    ok = (ids.min() >= 0) & (ids.max() < num_patches)
+    lowest, highest = ids.aminmax()  # one reduction
+    ok = (lowest >= 0) & (highest < num_patches)
     what = f"{name} values must lie in [0, {num_patches})"
     if distinct and ids.shape[1] > 1:
         ok = ok & (ids.sort(dim=1).values.diff(dim=1) != 0).all()
@@ -273,8 +274,16 @@ def _use_gemm_kernel() -> bool:
 
 # ---- the public op -------------------------------------------------------------------------
 
+def check_same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+
+
 def _check_inputs(imgs, weight, bias, pos_embed, cls_token, ids_keep) -> Tuple[int, int]:
     """Shapes and dtypes the fast path relies on -> (patch_size, num_patches)."""
+    check_same_device(imgs=imgs, weight=weight, bias=bias, pos_embed=pos_embed,
+                      cls_token=cls_token, ids_keep=ids_keep)
     if imgs.dim() != 4:
         raise ValueError(f"imgs must be (N, C, H, W), got shape {tuple(imgs.shape)}")
     N, C, H, W = imgs.shape
