@@ -156,6 +156,23 @@ def test_meta_tensors_give_shapes_through_forward_and_backward():
     assert x.grad.shape == x.shape and mask_token.grad.shape == mask_token.shape
 
 
+@requires_ext
+def test_torch_compile_fullgraph_forward_and_backward():
+    x, mask_token, ids_restore, pos = make_inputs(2, 10, 3, 8, torch.float32)
+    grad_out = torch.randn(2, 11, 8)
+
+    def decoder_input(x, mask_token, ids_restore, pos):
+        return unshuffle(x, mask_token, ids_restore, pos, backend="fast") * 2.0
+
+    compiled = torch.compile(decoder_input, fullgraph=True, backend="aot_eager")
+    out, grads = run_with_grads(compiled, x, mask_token, ids_restore, pos, grad_out)
+    out_ref, grads_ref = run_with_grads(lambda *a: reference.unshuffle(*a) * 2.0, x, mask_token, ids_restore, pos,
+                                        grad_out)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads_ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads_ref[1])
+
+
 # ------------------------------------------------------------------------------------------------
 # the public function: promotes and makes contiguous like the reference accepts
 @requires_ext
