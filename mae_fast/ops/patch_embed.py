@@ -234,24 +234,27 @@ def _gemm_setup(ctx, inputs, output):
                      and imgs.is_contiguous(memory_format=torch.channels_last))
     ctx.dtypes = (None if bias is None else bias.dtype, pos_embed.dtype, cls_token.dtype)
     ctx.pos_shape = pos_embed.shape
+    ctx.compute_dtype = compute_dtype
 
 
 def _gemm_backward(ctx, grad_out):
-    """grad_out (N, 1+K, D). The GEMM's gradients in fp32 from torch matmuls on the kept
-    patches (re-gathered, not saved); the gather's and the epilogue's as in the split path."""
+    """grad_out (N, 1+K, D). The GEMM's gradients by torch matmuls in the forward's compute
+    dtype (as the Conv2d backward of the reference) on the kept patches (re-gathered, not
+    saved); the gather's and the epilogue's as in the split path."""
     imgs, weight, ids_keep = ctx.saved_tensors
     imgs_shape, imgs_dtype, channels_last = ctx.imgs_meta
     bias_dtype, pos_dtype, cls_dtype = ctx.dtypes
+    compute_dtype = ctx.compute_dtype
     D, p = weight.shape[0], weight.shape[-1]
-    grad_tokens = grad_out[:, 1:].float()  # (N, K, D)
+    grad_tokens = grad_out[:, 1:].to(compute_dtype)  # (N, K, D)
     grad_imgs = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_patches = (grad_tokens @ weight.reshape(D, -1).float()).to(imgs_dtype)  # (N, K, C*p*p)
-        grad_imgs = scatter_patches(grad_patches, ids_keep, p, imgs_shape[2], imgs_shape[3],
-                                    channels_last)
+        grad_patches = grad_tokens @ weight.reshape(D, -1).to(compute_dtype)  # (N, K, C*p*p)
+        grad_imgs = scatter_patches(grad_patches.to(imgs_dtype), ids_keep, p, imgs_shape[2],
+                                    imgs_shape[3], channels_last)
     if ctx.needs_input_grad[1]:
-        patches = gather_patches(imgs, ids_keep, p).float()  # (N, K, C*p*p)
-        grad_weight = (grad_tokens.reshape(-1, D).t() @ patches.reshape(-1, patches.shape[-1]))
+        patches = gather_patches(imgs, ids_keep, p).to(compute_dtype)  # (N, K, C*p*p)
+        grad_weight = grad_tokens.reshape(-1, D).t() @ patches.reshape(-1, patches.shape[-1])
         grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
     if ctx.needs_input_grad[2]:
         grad_bias = grad_tokens.sum((0, 1)).to(bias_dtype)
@@ -322,7 +325,7 @@ def patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, *, ba
         return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
     p, _ = _check_inputs(imgs, weight, bias, pos_embed, cls_token, ids_keep)
     if _use_gemm_kernel():
-        if torch.is_autocast_enabled(imgs.device.type):
+        if imgs.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(imgs.device.type):
             compute_dtype = torch.get_autocast_dtype(imgs.device.type)
         else:
             compute_dtype = torch.promote_types(imgs.dtype, weight.dtype)
