@@ -352,3 +352,21 @@ def test_gemm_mode_is_picked_by_env_and_compiles(monkeypatch):
     monkeypatch.setenv("MAE_FAST_PATCH_EMBED", "fused-typo")
     with pytest.raises(ValueError, match="MAE_FAST_PATCH_EMBED"):
         ops.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, backend="fast")
+
+
+@pytest.mark.parametrize("embed_mode", ["split", "gemm"])
+def test_autocast_bf16_matches_reference_under_autocast(embed_mode, monkeypatch):
+    """Under autocast the reference's conv runs in bf16 and + pos (fp32) gives fp32 tokens;
+    both fast modes give the same dtype and agree to bf16 accuracy."""
+    monkeypatch.setenv("MAE_FAST_PATCH_EMBED", embed_mode)
+    p, N, C, H, W, D = 8, 2, 3, 16, 24, 32
+    L = (H // p) * (W // p)
+    args = [torch.randn(N, C, H, W), torch.randn(D, C, p, p) * 0.05, torch.randn(D),
+            torch.randn(1, 1 + L, D), torch.randn(1, 1, D), _kept(N, L, 0.75)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.patch_embed_masked(*args, backend="fast")
+        want = reference.patch_embed_masked(*args)
+    exact = reference.patch_embed_masked(*args)  # fp32
+    assert got.dtype == want.dtype == torch.float32
+    err_fast, err_torch = (got - exact).abs().max().item(), (want - exact).abs().max().item()
+    assert err_fast <= 2 * err_torch + 2.0 ** -7 * exact.abs().max().item(), (err_fast, err_torch)
