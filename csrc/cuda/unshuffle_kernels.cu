@@ -21,7 +21,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 };
 
 // Packs whose size is a multiple of 16 bytes move as uint4 pieces through the load/store
-// intrinsics, which always emit 128-bit accesses (ld.global.nc.v4 / st.global.wb.v4): plain struct
+// intrinsics / PTX, which always emit 128-bit accesses (ld.global.nc.v4 / st.global.v4): plain struct
 // copies were split into 32-bit stores in the backward loop. Every pointer given here is read-only
 // for the kernel's lifetime (load) or written by one thread only (store).
 template <typename T, int VEC>
@@ -46,7 +46,9 @@ __device__ __forceinline__ void store(T* p, const Pack<T, VEC>& v) {
     for (int i = 0; i < int(sizeof(Pack<T, VEC>) / 16); ++i) {
       uint4 bits;
       memcpy(&bits, reinterpret_cast<const char*>(&v) + 16 * i, 16);
-      __stwb(reinterpret_cast<uint4*>(p) + i, bits);
+      // a plain (weak) st.global.v4: __stwb's st.global.wb compiles to a STRONG.SM store
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(reinterpret_cast<uint4*>(p) + i),
+                   "r"(bits.x), "r"(bits.y), "r"(bits.z), "r"(bits.w));
     }
   } else {
     *reinterpret_cast<Pack<T, VEC>*>(p) = v;
