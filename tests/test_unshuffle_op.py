@@ -176,11 +176,13 @@ def test_torch_compile_fullgraph_forward_and_backward():
 # ------------------------------------------------------------------------------------------------
 # the public function: promotes and makes contiguous like the reference accepts
 @requires_ext
-def test_public_function_promotes_dtypes_like_the_reference():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_public_function_promotes_dtypes_like_the_reference(autocast):
     x, mask_token, ids_restore, pos = make_inputs(2, 10, 3, 8, torch.bfloat16)
     mask_token, pos = mask_token.float(), pos.float()  # bf16 activations, fp32 parameters (autocast)
-    out = unshuffle(x, mask_token, ids_restore, pos, backend="fast")
-    expected = reference.unshuffle(x, mask_token, ids_restore, pos)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = unshuffle(x, mask_token, ids_restore, pos, backend="fast")
+        expected = reference.unshuffle(x, mask_token, ids_restore, pos)
     assert out.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
@@ -222,6 +224,8 @@ def test_cuda_kernel_registered_iff_built_with_cuda():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 @requires_ext
 def test_cuda_call_without_a_gpu_raises_cleanly():
+    """Documents the no-GPU behaviour: the error comes from torch (no CUDA device) before the op
+    runs, as a Python exception rather than a crash."""
     x, mask_token, ids_restore, pos = make_inputs(2, 6, 2, 4)
     with pytest.raises((RuntimeError, AssertionError)):
         torch.ops.mae_fast.unshuffle_scatter(x.to("cuda"), mask_token.to("cuda"), ids_restore.to("cuda"), None)
