@@ -56,7 +56,11 @@ def encoder_features(model, imgs: torch.Tensor, pool: str = "mean", batch_size: 
     try:
         for start in range(0, imgs.shape[0], batch_size):
             x = imgs[start:start + batch_size].to(device)
-            latent, _, _ = model.forward_encoder(x, mask_ratio=0.0)  # (B, 1 + L, D)
+            # mask_ratio 0 keeps every patch; increasing noise keeps them in image order, so the
+            # features do not depend on the global RNG (token order changes float sums)
+            num_patches = model.patch_embed.num_patches
+            noise = torch.arange(num_patches, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+            latent, _, _ = model.forward_encoder(x, mask_ratio=0.0, noise=noise)  # (B, 1 + L, D)
             f = latent[:, 0] if pool == "cls" else latent[:, 1:].mean(dim=1)
             feats.append(f.float().cpu())
     finally:
@@ -116,6 +120,8 @@ def build_parser():
     p.add_argument("--pool", default="mean", choices=("mean", "cls"))
     p.add_argument("--seed", type=int, default=None, help="split and random-init seed (default: checkpoint's)")
     p.add_argument("--device", default=None)
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the tiny models on CPU, else torch's choice)")
     return p
 
 
@@ -141,6 +147,12 @@ def main(argv=None) -> int:
             raise UsageError("the checkpoint has no 'args': pass --model and --input-size")
         seed = args.seed if args.seed is not None else int(saved.get("seed", 0))
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .pretrain import MODELS
+        threads = args.num_threads
+        if threads is None and device.type == "cpu" and model_name in MODELS:
+            threads = MODELS[model_name][1].get("cpu_threads")
+        if threads is not None:
+            torch.set_num_threads(threads)
         model = build_model(model_name, int(input_size), bool(saved.get("norm_pix_loss", False)))
         load_official_checkpoint(model, read_state_dict(ckpt), strict_decoder=False)
         compare_with_random_init(model.to(device), model_name, int(input_size), seed, device,

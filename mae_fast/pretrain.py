@@ -69,7 +69,10 @@ def mae_vit_tiny_patch4(**kwargs):
 
 
 OFFICIAL_RECIPE = dict(input_size=224, blr=1.5e-4, epochs=400, warmup_epochs=40, batch_size=64)
-DEMO_RECIPE = dict(input_size=64, blr=1e-2, epochs=10, warmup_epochs=1, batch_size=64)
+# cpu_threads=1: the demo's matrices (64 x 17 x 96) are too small for a second thread to pay, and on
+# a CPU that is busy with anything else OpenMP threads spin against each other (measured on the
+# shared 2-core container: ~25 img/s with 2 threads against ~340 with 1). --num-threads overrides.
+DEMO_RECIPE = dict(input_size=64, blr=1e-2, epochs=10, warmup_epochs=1, batch_size=64, cpu_threads=1)
 
 # name -> (factory, defaults that depend on the model)
 MODELS = {
@@ -96,12 +99,30 @@ def build_model(model: str, input_size: int, norm_pix_loss: bool = False, backen
 
 # ---------------------------------------------------------------------------------------------
 # command line
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _recipe_epilog() -> str:
+    lines = ["defaults marked [model] (input_size, blr, epochs, warmup_epochs, batch_size):"]
+    for name, (_, r) in MODELS.items():
+        if "_dec512d8b" not in name:
+            lines.append(f"  {name}: {r['input_size']} px, blr {r['blr']:g}, {r['epochs']} epochs, "
+                         f"warmup {r['warmup_epochs']}, batch {r['batch_size']}")
+    lines.append("official ImageNet recipe (PRETRAIN.md): --norm-pix-loss --epochs 800 on 64 GPUs x batch 64 "
+                 "(eff. batch 4096; on 8 GPUs add --accum-iter 8)")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mae-fast pretrain",
         description="MAE pretraining (official recipe). No arguments: a few-minute CPU demo on "
-                    "built-in photos. Defaults marked [model] come from the model's recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "built-in photos, ending with a linear probe.",
+        epilog=_recipe_epilog(), formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"one of: {', '.join(MODELS)}")
     g.add_argument("--input-size", type=int, default=None, help="image side in pixels [model]")
@@ -134,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="runs/pretrain", help="checkpoints, log.csv, pictures")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the tiny models on CPU, else torch's choice)")
     g.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' for "
                                                   "OUTPUT_DIR/checkpoint-last.pth when it exists")
     g.add_argument("--save-freq", type=int, default=20, help="keep checkpoint-<epoch>.pth every N epochs")
@@ -380,9 +402,11 @@ def resolve_amp(amp: str, device: torch.device):
 # ---------------------------------------------------------------------------------------------
 def train(args) -> int:
     rank, world_size, local_rank, device, distributed = init_distributed(args.device)
+    threads = torch.get_num_threads()
     try:
         return _train(args, rank, world_size, device, distributed)
     finally:
+        torch.set_num_threads(threads)  # --num-threads lasts for this run only (in-process callers)
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -395,6 +419,8 @@ def _train(args, rank, world_size, device, distributed) -> int:
         if is_main:
             print(msg, flush=True)
 
+    if args.num_threads is None and device.type == "cpu":
+        args.num_threads = MODELS[args.model][1].get("cpu_threads")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     amp_dtype = resolve_amp(args.amp, device)
@@ -472,7 +498,8 @@ def _train(args, rank, world_size, device, distributed) -> int:
     say(f"mae-fast pretrain: {args.model} ({n_params / 1e6:.2f}M params), {args.input_size}px, "
         f"patch {model_without_ddp.patch_size}, mask {args.mask_ratio}, norm_pix_loss={args.norm_pix_loss}")
     say(f"data: {data_desc}")
-    say(f"device {device}, {world_size} process(es), amp {amp_dtype or 'none'}, "
+    amp_name = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    say(f"device {device}, {world_size} process(es), amp {amp_name}, "
         f"{torch.get_num_threads()} CPU threads, {num_workers} loader workers")
     say(f"batch {args.batch_size} x accum {args.accum_iter} x {world_size} = {args.eff_batch_size}, "
         f"lr {args.lr:.3g} (blr {args.blr:.3g} x {args.eff_batch_size}/256), wd {args.weight_decay}, "

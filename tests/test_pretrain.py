@@ -22,7 +22,7 @@ from mae_fast.visualize import reconstruction_panels
 # 16 px images, 4 px patches: L = 16, 4 kept; 16 built-in samples / batch 4 = 4 iterations an epoch
 TINY = ["--model", "mae_vit_tiny_patch4", "--input-size", "16", "--batch-size", "4", "--builtin-size", "16",
         "--epochs", "2", "--warmup-epochs", "1", "--log-every", "1", "--num-preview", "2",
-        "--no-progress", "--no-linprobe", "--device", "cpu"]
+        "--no-progress", "--no-linprobe", "--device", "cpu", "--num-threads", "1"]
 
 
 def run_pretrain(out_dir, *extra):
@@ -101,6 +101,17 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, kill_afte
     a, b = load_ckpt(whole / "checkpoint-last.pth"), load_ckpt(killed / "checkpoint-last.pth")
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_runs_and_fp16_keeps_its_grad_scaler(tmp_path, amp):
+    out = tmp_path / amp
+    assert run_pretrain(out, "--epochs", 1, "--amp", amp) == 0
+    steps, losses = read_log(out)
+    assert steps == [0, 1, 2, 3] and torch.isfinite(losses).all()
+    scaler = load_ckpt(out / "checkpoint-last.pth")["scaler"]
+    # fp16: the live scaler's state (4 finite steps counted towards growth); bf16: a fresh one
+    assert scaler["_growth_tracker"] == (4 if amp == "fp16" else 0)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
