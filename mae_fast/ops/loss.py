@@ -77,9 +77,12 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(imgs, pred, mask, output[1])
     ctx.patch_size, ctx.norm_pix_loss = patch_size, norm_pix_loss
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros() launched for mask_sum's (absent) gradient
 
 
 def _backward(ctx, grad_loss, _grad_mask_sum):
+    if grad_loss is None:
+        return None, None, None, None, None
     imgs, pred, mask, mask_sum = ctx.saved_tensors
     grad_imgs_wanted = ctx.needs_input_grad[0]
     grad_pred, grad_imgs = masked_loss_backward(grad_loss, imgs, pred, mask, mask_sum,
