@@ -92,7 +92,8 @@ def scatter_patches(grad_patches: torch.Tensor, ids_keep: torch.Tensor, patch_si
     C = grad_patches.shape[2] // (patch_size * patch_size)
     check_ids(ids_keep, (height // patch_size) * (width // patch_size), "ids_keep", distinct=True)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    grad_imgs = grad_patches.new_zeros((N, C, height, width)).to(memory_format=fmt)
+    grad_imgs = torch.empty((N, C, height, width), dtype=grad_patches.dtype,
+                            device=grad_patches.device, memory_format=fmt).zero_()
     if _triton_runs(grad_patches.device):
         from ..kernels import patch_gather
         return patch_gather.scatter_patches(grad_patches, ids_keep, patch_size, grad_imgs)
@@ -110,7 +111,8 @@ def _(grad_patches, ids_keep, patch_size, height, width, channels_last):
     N = grad_patches.shape[0]
     C = grad_patches.shape[2] // (patch_size * patch_size)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return grad_patches.new_empty((N, C, height, width)).to(memory_format=fmt)
+    return torch.empty((N, C, height, width), dtype=grad_patches.dtype, device=grad_patches.device,
+                       memory_format=fmt)
 
 
 def _gather_setup(ctx, inputs, output):
