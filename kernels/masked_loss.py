@@ -148,7 +148,7 @@ def _masked_loss_bwd_kernel(
 _REDUCE_BLOCK = 1024
 
 
-def _launch_args(imgs, pred, patch_size):
+def _launch_args(imgs, patch_size):
     N, C, H, W = imgs.shape
     block_c, block_p = _patch_blocks(C, patch_size)
     return dict(CHANS=C, PATCH=patch_size, BLOCK_C=block_c, BLOCK_P=block_p,
@@ -169,7 +169,7 @@ def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss
             imgs, pred, mask, patch_loss,
             L, W // patch_size,
             *imgs.stride(), *pred.stride(),
-            NORM_PIX=norm_pix_loss, **_launch_args(imgs, pred, patch_size))
+            NORM_PIX=norm_pix_loss, **_launch_args(imgs, patch_size))
     _masked_loss_reduce_kernel[(1,)](patch_loss, mask, loss, mask_sum, N * L,
                                      BLOCK=_REDUCE_BLOCK, num_warps=4)
     return loss, mask_sum
@@ -191,5 +191,5 @@ def masked_loss_bwd(grad_loss, imgs, pred, mask, mask_sum, patch_size: int,
             L, W // patch_size,
             *imgs.stride(), *pred.stride(), *gi_strides,
             NORM_PIX=norm_pix_loss, GRAD_IMGS=grad_imgs_wanted,
-            **_launch_args(imgs, pred, patch_size))
+            **_launch_args(imgs, patch_size))
     return grad_pred, grad_imgs

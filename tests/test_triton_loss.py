@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not pe._triton_runs(torch.device("cpu")),
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _case(N, C, H, W, p, ratio, dtype, channels_last=False, seed_mask=None):
+def _case(N, C, H, W, p, ratio, dtype, channels_last=False):
     L, P = (H // p) * (W // p), C * p * p
     imgs = torch.randn(N, C, H, W).to(dtype)
     if channels_last:
