@@ -129,22 +129,60 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
 
 
+def _two_rank_reference(steps, blr, builtin_size=32):
+    """What 2-process DDP must compute, written out in one process: rank r's DistributedSampler
+    shard, its augmentation and mask seeds, the mean of the two ranks' gradients, AdamW."""
+    from mae_fast.data import BuiltinImages
+    torch.manual_seed(0)
+    model = pretrain.mae_vit_tiny_patch4(img_size=16)
+    dataset = BuiltinImages(16, builtin_size)
+    optimizer = torch.optim.AdamW(lr_sched.param_groups_weight_decay(model, 0.05), betas=(0.9, 0.95))
+    shards = []
+    for rank in range(2):
+        sampler = torch.utils.data.DistributedSampler(dataset, 2, rank, shuffle=True, seed=0, drop_last=True)
+        sampler.set_epoch(0)
+        shards.append(list(sampler))
+    steps_per_epoch = len(shards[0]) // 4
+    for step in range(steps):
+        lr_sched.adjust_learning_rate(optimizer, step / steps_per_epoch, blr * 8 / 256, 0.0, 1, 1)
+        optimizer.zero_grad()
+        for rank in range(2):
+            idx = shards[rank][step * 4:(step + 1) * 4]
+            imgs = torch.stack([dataset[(i, pretrain.sample_seed(0, 0, i))] for i in idx])
+            noise = pretrain.mask_noise(0, rank, step, 4, 16, "cpu")
+            loss, _, _ = model(imgs, mask_ratio=0.75, noise=noise)
+            (loss / 2).backward()  # DDP averages the ranks' gradients
+        optimizer.step()
+    return model.state_dict()
+
+
 def test_ddp_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mae_fast.pretrain", *TINY, "--epochs", "1", "--output-dir", str(out)]
+           "-m", "mae_fast.pretrain", *TINY, "--epochs", "1", "--builtin-size", "32", "--blr", "0.5",
+           "--output-dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("epoch 1/1: loss") == 1  # rank 0 logs, rank 1 does not
     assert "2 process(es)" in proc.stdout
     steps, losses = read_log(out)
-    assert steps == [0, 1]  # 16 samples / (2 processes x batch 4)
+    assert steps == [0, 1, 2, 3]  # 32 samples / (2 processes x batch 4)
     assert torch.isfinite(losses).all()
     ckpt = load_ckpt(out / "checkpoint-last.pth")
     assert ckpt["args"]["world_size"] == 2 and ckpt["args"]["eff_batch_size"] == 8
-    assert ckpt["args"]["lr"] == pytest.approx(1e-2 * 8 / 256)
+    assert ckpt["args"]["lr"] == pytest.approx(0.5 * 8 / 256)
     assert not any(k.startswith("module.") for k in ckpt["model"])  # saved without the DDP wrapper
+    # the 4 DDP steps moved the weights exactly as averaged gradients over both shards would
+    expected = _two_rank_reference(4, 0.5)
+    for k, v in expected.items():
+        got = ckpt["model"][k]
+        if k.endswith("attn.qkv.bias"):
+            # the key bias has an exactly zero gradient (softmax ignores a shift shared by all
+            # keys): Adam normalises its rounding noise to steps of ~lr, so it is left out
+            d = v.shape[0] // 3
+            got, v = torch.cat([got[:d], got[2 * d:]]), torch.cat([v[:d], v[2 * d:]])
+        torch.testing.assert_close(got, v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def _write_image_folder(root, classes=("cat", "dog"), per_class=3):
