@@ -59,7 +59,8 @@ def _recording(module, sink):
 
 def launches():
     """[(label, module, kernel name, args, kwargs)]: every kernel launch of one ViT-L/16 step
-    (batch 256, 224 px, fp32 images, bf16 activations as under autocast), on meta tensors."""
+    (batch 256, 224 px, fp32 images, bf16 activations as under autocast), on meta tensors, plus
+    the other constexpr branches (no norm_pix_loss, patch 14)."""
     import torch
     from mae_fast.kernels import masked_loss, patch_embed_gemm, patch_gather
 
@@ -76,6 +77,10 @@ def launches():
     loss, mask_sum = torch.empty((), device=meta), torch.empty((), device=meta)
     grad_loss = torch.empty((), device=meta)
     weight, bias = torch.empty(D, C, p, p, device=meta), torch.empty(D, device=meta)
+    L14 = (H // 14) * (W // 14)
+    ids_keep14 = torch.empty(N, L14 // 4, dtype=torch.long, device=meta)
+    pred14 = torch.empty(N, L14, C * 14 * 14, dtype=torch.bfloat16, device=meta)
+    mask14 = torch.empty(N, L14, device=meta)
 
     calls = [
         ("gather nchw", patch_gather, lambda: patch_gather.gather_patches(imgs, ids_keep, p)),
@@ -90,6 +95,14 @@ def launches():
             grad_loss, imgs, pred, mask, mask_sum, p, True, False)),
         ("loss bwd normpix+imgs", masked_loss, lambda: masked_loss.masked_loss_bwd(
             grad_loss, imgs, pred, mask, mask_sum, p, True, True)),
+        ("loss fwd pix", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs, pred, mask, p, False, torch.float32)),
+        ("loss bwd pix+imgs", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs, pred, mask, mask_sum, p, False, True)),
+        # ViT-H/14: a patch of 14 is padded to a 16x16 tile (masked lanes)
+        ("gather nchw p14", patch_gather, lambda: patch_gather.gather_patches(imgs, ids_keep14, 14)),
+        ("loss fwd normpix p14", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs, pred14, mask14, 14, True, torch.float32)),
         ("gemm bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
             imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32)),
         ("gemm fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
