@@ -19,41 +19,70 @@ from .patch_gather import _num_warps, _patch_blocks
 
 
 @triton.jit
+def _tile_offsets(
+    n, l, grid_w,
+    stride_in, stride_ic, stride_ih, stride_iw,
+    PIXEL_MAJOR: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
+    TILE_0: tl.constexpr, TILE_1: tl.constexpr, TILE_2: tl.constexpr,
+):
+    """Patch (n, l) on a [TILE_0, TILE_1, TILE_2] register tile -> (inside, image offsets,
+    index of each element in the patch vector in pred's (p, q, c) order).
+      channel-major (NCHW and any other strides): tile (c, i, j); an image row is contiguous.
+      pixel-major (the launcher checked stride_ic == 1 and stride_iw == C: channels_last):
+      tile (1, i, j * C + c); a tile row is contiguous in the image *and* in pred."""
+    row = l // grid_w
+    col = l % grid_w
+    a = tl.arange(0, TILE_0)[:, None, None]
+    i = tl.arange(0, TILE_1)[None, :, None]
+    b = tl.arange(0, TILE_2)[None, None, :]
+    if PIXEL_MAJOR:
+        inside = (a < 1) & (i < PATCH) & (b < PATCH * CHANS)
+        img_offs = (n.to(tl.int64) * stride_in + (row * PATCH + i) * stride_ih
+                    + (col * PATCH) * stride_iw + b)
+        patch_offs = i * (PATCH * CHANS) + b
+    else:
+        inside = (a < CHANS) & (i < PATCH) & (b < PATCH)
+        img_offs = (n.to(tl.int64) * stride_in + a * stride_ic
+                    + (row * PATCH + i) * stride_ih + (col * PATCH + b) * stride_iw)
+        patch_offs = (i * PATCH + b) * CHANS + a
+    return inside, img_offs, patch_offs
+
+
+@triton.jit
+def _sum3(x):
+    return tl.sum(tl.sum(tl.sum(x, 2), 1), 0)
+
+
+@triton.jit
 def _patch_target(
     imgs_ptr, pred_ptr, n, l, grid_w, weight,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_pn, stride_pl, stride_pd,
-    NORM_PIX: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    NORM_PIX: tl.constexpr, PIXEL_MAJOR: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
+    TILE_0: tl.constexpr, TILE_1: tl.constexpr, TILE_2: tl.constexpr,
 ):
-    """Loads one patch of imgs and pred as fp32 (c, i, j) tiles; returns the target, the
-    prediction, 1/std (1 without norm_pix_loss), the in-patch mask and the pixel offsets.
+    """Loads one patch of imgs and pred as fp32 tiles; returns the target, the prediction,
+    1/std (1 without norm_pix_loss), the in-patch mask and the element's index in the patch.
     Nothing is read where ``weight`` (the patch's mask value) is 0."""
-    row = l // grid_w
-    col = l % grid_w
-    c = tl.arange(0, BLOCK_C)[:, None, None]
-    i = tl.arange(0, BLOCK_P)[None, :, None]
-    j = tl.arange(0, BLOCK_P)[None, None, :]
-    inside = (c < CHANS) & (i < PATCH) & (j < PATCH)
+    inside, img_offs, patch_offs = _tile_offsets(
+        n, l, grid_w, stride_in, stride_ic, stride_ih, stride_iw,
+        PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2)
     # patches with mask weight 0 read nothing (the splat keeps the interpreter's bool types happy)
-    load = inside & ((weight + tl.zeros([BLOCK_C, BLOCK_P, BLOCK_P], tl.float32)) != 0.0)
-    img_offs = (n.to(tl.int64) * stride_in + c * stride_ic
-                + (row * PATCH + i) * stride_ih + (col * PATCH + j) * stride_iw)
-    pred_offs = (n.to(tl.int64) * stride_pn + l * stride_pl
-                 + ((i * PATCH + j) * CHANS + c) * stride_pd)
+    load = inside & ((weight + tl.zeros([TILE_0, TILE_1, TILE_2], tl.float32)) != 0.0)
+    pred_offs = n.to(tl.int64) * stride_pn + l * stride_pl + patch_offs * stride_pd
     pixels = tl.load(imgs_ptr + img_offs, mask=load, other=0.0).to(tl.float32)
     pred = tl.load(pred_ptr + pred_offs, mask=load, other=0.0).to(tl.float32)
     if NORM_PIX:
         count = CHANS * PATCH * PATCH
-        mean = tl.sum(tl.sum(tl.sum(pixels, 2), 1), 0) / count
+        mean = _sum3(pixels) / count
         centred = tl.where(inside, pixels - mean, 0.0)
-        var = tl.sum(tl.sum(tl.sum(centred * centred, 2), 1), 0) / (count - 1)  # unbiased
+        var = _sum3(centred * centred) / (count - 1)  # unbiased, as Tensor.var
         inv_std = tl.div_rn(1.0, tl.sqrt_rn(var + 1e-6))
         target = centred * inv_std
     else:
         inv_std = 1.0
         target = pixels
-    return target, pred, inv_std, inside, img_offs, pred_offs
+    return target, pred, inv_std, inside, patch_offs
 
 
 @triton.jit
@@ -62,19 +91,19 @@ def _masked_loss_fwd_kernel(
     num_patches, grid_w,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_pn, stride_pl, stride_pd,
-    NORM_PIX: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    NORM_PIX: tl.constexpr, PIXEL_MAJOR: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
+    TILE_0: tl.constexpr, TILE_1: tl.constexpr, TILE_2: tl.constexpr,
 ):
     pid = tl.program_id(0)  # patch (n, l); mask is contiguous (N, L)
     n = pid // num_patches
     l = pid % num_patches
     weight = tl.load(mask_ptr + pid).to(tl.float32)
-    target, pred, inv_std, inside, img_offs, pred_offs = _patch_target(
+    target, pred, inv_std, inside, patch_offs = _patch_target(
         imgs_ptr, pred_ptr, n, l, grid_w, weight,
         stride_in, stride_ic, stride_ih, stride_iw, stride_pn, stride_pl, stride_pd,
-        NORM_PIX, CHANS, PATCH, BLOCK_C, BLOCK_P)
+        NORM_PIX, PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2)
     diff = tl.where(inside, pred - target, 0.0)
-    sq = tl.sum(tl.sum(tl.sum(diff * diff, 2), 1), 0) / (CHANS * PATCH * PATCH)
+    sq = _sum3(diff * diff) / (CHANS * PATCH * PATCH)
     tl.store(patch_loss_ptr + pid, tl.where(weight != 0.0, sq * weight, 0.0))
 
 
@@ -104,8 +133,8 @@ def _masked_loss_bwd_kernel(
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_pn, stride_pl, stride_pd,
     stride_gin, stride_gic, stride_gih, stride_giw,
-    NORM_PIX: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, GRAD_IMGS: tl.constexpr,
+    NORM_PIX: tl.constexpr, PIXEL_MAJOR: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
+    TILE_0: tl.constexpr, TILE_1: tl.constexpr, TILE_2: tl.constexpr, GRAD_IMGS: tl.constexpr,
 ):
     """grad_pred = grad_loss * mask / sum(mask) * 2 (pred - target) / P; grad_pred is
     contiguous (N, L, P). With GRAD_IMGS, grad_target = -grad_pred goes back through the
@@ -118,28 +147,25 @@ def _masked_loss_bwd_kernel(
     weight = tl.load(mask_ptr + pid).to(tl.float32)
     scale = (tl.load(grad_loss_ptr).to(tl.float32) * weight / tl.load(mask_sum_ptr)
              * 2.0 / count)
-    target, pred, inv_std, inside, img_offs, pred_offs = _patch_target(
+    target, pred, inv_std, inside, patch_offs = _patch_target(
         imgs_ptr, pred_ptr, n, l, grid_w, weight,
         stride_in, stride_ic, stride_ih, stride_iw, stride_pn, stride_pl, stride_pd,
-        NORM_PIX, CHANS, PATCH, BLOCK_C, BLOCK_P)
+        NORM_PIX, PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2)
     grad_pred = tl.where(inside, scale * (pred - target), 0.0)  # scale is 0 where weight is
-    c = tl.arange(0, BLOCK_C)[:, None, None]
-    i = tl.arange(0, BLOCK_P)[None, :, None]
-    j = tl.arange(0, BLOCK_P)[None, None, :]
-    out_offs = pid.to(tl.int64) * count + (i * PATCH + j) * CHANS + c
-    tl.store(grad_pred_ptr + out_offs, grad_pred.to(grad_pred_ptr.dtype.element_ty), mask=inside)
+    tl.store(grad_pred_ptr + pid.to(tl.int64) * count + patch_offs,
+             grad_pred.to(grad_pred_ptr.dtype.element_ty), mask=inside)
     if GRAD_IMGS:
         grad_target = -grad_pred
         if NORM_PIX:
-            g_mean = tl.sum(tl.sum(tl.sum(grad_target, 2), 1), 0) / count
-            g_dot_t = tl.sum(tl.sum(tl.sum(grad_target * target, 2), 1), 0)
+            g_mean = _sum3(grad_target) / count
+            g_dot_t = _sum3(grad_target * target)
             grad_pixels = inv_std * (grad_target - g_mean - target * (g_dot_t / (count - 1)))
         else:
             grad_pixels = grad_target
-        row = l // grid_w
-        col = l % grid_w
-        gi_offs = (n.to(tl.int64) * stride_gin + c * stride_gic
-                   + (row * PATCH + i) * stride_gih + (col * PATCH + j) * stride_giw)
+        # grad_imgs has the tile's layout (the launcher allocates it so)
+        _, gi_offs, _ = _tile_offsets(
+            n, l, grid_w, stride_gin, stride_gic, stride_gih, stride_giw,
+            PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2)
         tl.store(grad_imgs_ptr + gi_offs,
                  tl.where(inside, grad_pixels, 0.0).to(grad_imgs_ptr.dtype.element_ty),
                  mask=inside)
@@ -148,11 +174,22 @@ def _masked_loss_bwd_kernel(
 _REDUCE_BLOCK = 1024
 
 
+def _pixel_major(imgs) -> bool:
+    """channels_last-like strides: a patch row (q, c) is one contiguous run of p*C pixels."""
+    C = imgs.shape[1]
+    return imgs.stride(3) == C and (C == 1 or imgs.stride(1) == 1)
+
+
 def _launch_args(imgs, patch_size):
-    N, C, H, W = imgs.shape
+    C = imgs.shape[1]
     block_c, block_p = _patch_blocks(C, patch_size)
-    return dict(CHANS=C, PATCH=patch_size, BLOCK_C=block_c, BLOCK_P=block_p,
-                num_warps=_num_warps(block_c * block_p * block_p))
+    if _pixel_major(imgs):
+        tile = (1, block_p, triton.next_power_of_2(patch_size * C))
+    else:
+        tile = (block_c, block_p, block_p)
+    return dict(PIXEL_MAJOR=_pixel_major(imgs), CHANS=C, PATCH=patch_size,
+                TILE_0=tile[0], TILE_1=tile[1], TILE_2=tile[2],
+                num_warps=_num_warps(tile[0] * tile[1] * tile[2]))
 
 
 def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss_dtype):
@@ -182,7 +219,9 @@ def masked_loss_bwd(grad_loss, imgs, pred, mask, mask_sum, patch_size: int,
     L = pred.shape[1]
     mask = mask.contiguous()
     grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-    grad_imgs = torch.empty_like(imgs) if grad_imgs_wanted else None
+    fmt = torch.channels_last if _pixel_major(imgs) else torch.contiguous_format
+    grad_imgs = (torch.empty(imgs.shape, dtype=imgs.dtype, device=imgs.device, memory_format=fmt)
+                 if grad_imgs_wanted else None)
     gi = grad_imgs if grad_imgs_wanted else grad_pred  # unused pointer when not wanted
     gi_strides = grad_imgs.stride() if grad_imgs_wanted else (0, 0, 0, 0)
     if N * L:

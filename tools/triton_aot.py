@@ -95,6 +95,10 @@ def launches():
             grad_loss, imgs, pred, mask, mask_sum, p, True, False)),
         ("loss bwd normpix+imgs", masked_loss, lambda: masked_loss.masked_loss_bwd(
             grad_loss, imgs, pred, mask, mask_sum, p, True, True)),
+        ("loss fwd normpix nhwc", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs_nhwc, pred, mask, p, True, torch.float32)),
+        ("loss bwd normpix+imgs nhwc", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs_nhwc, pred, mask, mask_sum, p, True, True)),
         ("loss fwd pix", masked_loss, lambda: masked_loss.masked_loss_fwd(
             imgs, pred, mask, p, False, torch.float32)),
         ("loss bwd pix+imgs", masked_loss, lambda: masked_loss.masked_loss_bwd(
