@@ -199,3 +199,18 @@ def test_op_refuses_a_device_without_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend='reference'"):
         loss_mod.masked_loss_op(imgs, pred, mask, 4, False)
+
+
+@pytest.mark.parametrize("make_view", [
+    lambda x: x[:, :, :, ::2],  # W stride 2: the channel-major tile
+    lambda x: x.to(memory_format=torch.channels_last)[:, :, 4:12, :8],  # channels_last slice: pixel-major
+    lambda x: x[:, :1, :8, 4:12],  # one channel, unit W stride, not dense: pixel-major
+], ids=["w-stride-2", "nhwc-slice", "c1-slice"])
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
+def test_strided_image_views(make_view, norm_pix):
+    base = torch.randn(2, 3, 16, 16)
+    imgs = make_view(base).detach().requires_grad_()
+    N, C, H, W = imgs.shape
+    pred = torch.randn(N, (H // 4) * (W // 4), C * 16, requires_grad=True)
+    mask = reference.masking_indices(torch.rand(N, pred.shape[1]), 1)[2]
+    _assert_matches_reference(imgs, pred, mask, 4, norm_pix)
