@@ -28,7 +28,7 @@ def summarize(data) -> str:
         base = base or next((b for b in cases if b["name"].endswith(" mae_fast")), None)
         for b in sorted(cases, key=lambda b: b["stats"]["median"]):
             ratio = f"{b['stats']['median'] / base['stats']['median']:.2f}" if base else "-"
-            lines.append(f"| {group} | {b['name']} | {_unit(b['stats']['median'])} | {_unit(b['stats']['min'])} "
+            lines.append(f"| {group.replace('|', '/')} | {b['name']} | {_unit(b['stats']['median'])} | {_unit(b['stats']['min'])} "
                          f"| {b['stats']['rounds']} | {ratio} |")
     info = data.get("machine_info", {})
     cpu = info.get("cpu", {}).get("brand_raw", "?")

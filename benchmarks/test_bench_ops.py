@@ -83,7 +83,7 @@ def test_op(benchmark, request, op, pass_, backend, device):
             pytest.skip(str(e))
     else:
         choice = choose("attention", device, "math" if backend == "reference" else "auto")
-    benchmark.group = f"{op} | {pass_} | {device.type} | batch {N}"
+    benchmark.group = f"{op}, {pass_}, {device.type}, batch {N}"
     benchmark.extra_info["impl"] = choice.impl
     benchmark.name = f"{op} {pass_} {backend} ({choice.impl})"
     fwd, wants, grad = make_case(op, backend, N, device)

@@ -31,7 +31,7 @@ def test_train_step(benchmark, request, name, device):
         pytest.skip(f"{name} was not built")
     if isinstance(contender, mc.Unavailable):
         pytest.skip(contender.reason)
-    benchmark.group = f"train step | {size} | batch {batch} | fp32 | {device.type} | {torch.get_num_threads()} threads"
+    benchmark.group = f"train step, {size}, batch {batch}, fp32, {device.type}, {torch.get_num_threads()} threads"
     benchmark.name = f"train step {name}"
     benchmark.extra_info["what runs"] = contender.note
     contender.prepare()
