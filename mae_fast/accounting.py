@@ -237,9 +237,10 @@ def instrument_mae(counter: TrafficCounter):
         patch(ops, "patch_embed_masked", in_region("encoder input", ops.patch_embed_masked))
         patch(ops, "unshuffle", in_region("decoder input", ops.unshuffle))
         patch(ops, "masked_loss", in_region("loss", ops.masked_loss))
-        noise = model.MaskedAutoencoderViT.__dict__["_noise"]
-        patch(model.MaskedAutoencoderViT, "_noise",
-              staticmethod(in_region("masking", noise.__func__)))
+        noise = model.MaskedAutoencoderViT.__dict__.get("_noise")  # draws the masking noise
+        if isinstance(noise, staticmethod):
+            patch(model.MaskedAutoencoderViT, "_noise",
+                  staticmethod(in_region("masking", noise.__func__)))
         for mod in (layers, attention):
             if mod.__dict__.get("attend") is original_attend:
                 patch(mod, "attend", counted_attend)
