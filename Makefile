@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h
 	@echo "building mae_fast (log: $(VENV)/build.log)"
 	$(BIN)/python -m pip install -v --no-build-isolation --no-deps -e . > $(VENV)/build.log 2>&1 \
 	  || (tail -60 $(VENV)/build.log; exit 1)
-	@grep -E "^mae_fast:" $(VENV)/build.log || true
+	@grep -oE "mae_fast: building.*" $(VENV)/build.log | sort -u || true
 	$(BIN)/python -c "import mae_fast"
 	touch $@
 

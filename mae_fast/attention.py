@@ -194,7 +194,7 @@ def _clear_caches() -> None:
     _load_xformers.cache_clear()
     _XF_ACCEPTS.clear()
     _WARNED.clear()
-    backends._cached_choice.cache_clear()
+    backends.clear_cache()
 
 
 # ---------------------------------------------------------------------------------------------

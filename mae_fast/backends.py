@@ -9,7 +9,6 @@ reads there is what runs.
   * ``"fast"``      - the fused implementation, or a ``RuntimeError`` saying why it cannot run;
   * ``"auto"``      - the fused implementation where it runs on that device, else the reference.
 """
-import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
@@ -35,12 +34,12 @@ _CHOOSERS: Dict[str, Callable[[torch.device, str], Choice]] = {}
 def register_fast(op: str, impl: str, probe: Callable[[torch.device], Tuple[bool, str]]) -> None:
     """Declare that ``op`` has a fused implementation ``impl`` that runs where ``probe`` says."""
     _FAST[op] = (impl, probe)
-    _cached_choice.cache_clear()
+    _CACHE.clear()
 
 
 def register_chooser(op: str, chooser: Callable[[torch.device, str], Choice]) -> None:
     _CHOOSERS[op] = chooser
-    _cached_choice.cache_clear()
+    _CACHE.clear()
 
 
 def check_backend(backend: str) -> str:
@@ -80,12 +79,23 @@ def choose(op: str, device, backend: str = "auto") -> Choice:
     if op not in _CHOOSERS:  # choosers (attention) take their own backend names
         check_backend(backend)
     # env switches that change the answer are part of the cache key
-    env = (os.environ.get("TRITON_INTERPRET"), os.environ.get("MAE_FAST_ATTN"))
-    return _cached_choice(op, device.type, backend, env)
+    key = (op, device.type, backend, os.environ.get("TRITON_INTERPRET"), os.environ.get("MAE_FAST_ATTN"))
+    choice = _CACHE.get(key)
+    if choice is None:
+        choice = _CACHE[key] = _choose_uncached(op, device.type, backend)
+    return choice
 
 
-@functools.lru_cache(maxsize=None)
-def _cached_choice(op, device_type, backend, _env) -> Choice:
+# a plain dict, not functools.lru_cache: torch.compile traces through it without a warning
+_CACHE: Dict[tuple, Choice] = {}
+
+
+def clear_cache() -> None:
+    """Forget every choice (after installing xformers, rebuilding _C, or in tests)."""
+    _CACHE.clear()
+
+
+def _choose_uncached(op, device_type, backend) -> Choice:
     device = torch.device(device_type)
     if op in _CHOOSERS:
         return _CHOOSERS[op](device, backend)

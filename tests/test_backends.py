@@ -14,7 +14,7 @@ def dummy_op():
     backends.register_fast("dummy", "c++", lambda d: (d.type == "cpu", "built for CPU only"))
     yield "dummy"
     backends._FAST.pop("dummy")
-    backends._cached_choice.cache_clear()
+    backends.clear_cache()
 
 
 def test_auto_fast_reference(dummy_op):
@@ -40,7 +40,7 @@ def test_auto_never_picks_the_triton_interpreter(monkeypatch):
             backends.choose("dummy_triton", "cpu", "fast")
     finally:
         backends._FAST.pop("dummy_triton")
-        backends._cached_choice.cache_clear()
+        backends.clear_cache()
 
 
 def test_unknown_op():

@@ -80,7 +80,7 @@ class _Evil:
 def test_checkpoint_never_unpickles_arbitrary_objects(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        pickle.dump({"model": {"x": _Evil()}}, f)
+        pickle.dump({"model": {"x": _Evil()}}, f, protocol=2)
     with pytest.raises(ValueError, match="weights-only"):
         mae_fast.load_official_checkpoint(mae_fast.MaskedAutoencoderViT(**TINY), path)
 

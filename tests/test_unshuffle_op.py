@@ -200,7 +200,7 @@ def test_public_function_accepts_non_contiguous_inputs():
 def test_falls_back_to_reference_without_the_extension(monkeypatch):
     monkeypatch.setattr(_ext, "LOADED", False)
     monkeypatch.setattr(_ext, "LOAD_ERROR", "ImportError: pretend it was not built")
-    backends._cached_choice.cache_clear()
+    backends.clear_cache()
     try:
         choice = backends.choose("unshuffle", "cpu", "auto")
         assert choice.impl == "reference" and "not built" in choice.reason
@@ -211,7 +211,7 @@ def test_falls_back_to_reference_without_the_extension(monkeypatch):
                                    reference.unshuffle(x, mask_token, ids_restore, pos), rtol=0, atol=0)
     finally:
         monkeypatch.undo()
-        backends._cached_choice.cache_clear()
+        backends.clear_cache()
 
 
 @requires_ext
