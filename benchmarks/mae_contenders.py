@@ -50,7 +50,8 @@ class Contender:
     note: str = ""
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """GPU work is timed to its end: every timed function calls this last."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -68,7 +69,7 @@ def _make_step(model, loss_of, imgs, device) -> Callable[[], torch.Tensor]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)  # GPU work is timed to its end
+        sync(device)  # GPU work is timed to its end
         return loss.detach()
 
     return step

@@ -8,7 +8,7 @@ Backward is timed alone (``torch.autograd.grad`` on a fresh forward made outside
 import pytest
 import torch
 
-from conftest import sync
+from mae_contenders import sync
 from mae_fast import ops, reference
 from mae_fast.attention import attend
 from mae_fast.backends import choose
