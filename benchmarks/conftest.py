@@ -24,8 +24,18 @@ def pytest_addoption(parser):
     g.addoption("--bench-op-batch", type=int, default=8,
                 help="batch of the per-op benchmarks (224 px images, ViT-B/16 widths; default 8)")
     g.addoption("--bench-rounds", type=int, default=3, help="timed rounds of a training step (default 3)")
+    g.addoption("--bench-dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                help="dtype of the per-op inputs and of the training-step models (default fp32)")
     g.addoption("--bench-threads", type=int, default=0,
                 help="torch.set_num_threads for CPU cases (default: torch's own)")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture
+def dtype(request):
+    return DTYPES[request.config.getoption("--bench-dtype")]
 
 
 def pytest_configure(config):

@@ -38,43 +38,46 @@ def _randn(*shape, device, dtype=torch.float32, requires_grad=False, seed=0):
     return t.requires_grad_(requires_grad)
 
 
-def make_case(op, backend, N, device):
+def make_case(op, backend, N, device, dtype=torch.float32):
     """-> (forward() -> output, inputs that want grads, grad of the output)."""
     ids_keep, ids_restore, mask = _masking(N, device)
     if op == "encoder input":
-        imgs = _randn(N, 3, IMG, IMG, device=device)
-        weight = _randn(D, 3, P, P, device=device, requires_grad=True, seed=1)
-        bias = _randn(D, device=device, requires_grad=True, seed=2)
-        pos = _randn(1, 1 + L, D, device=device, seed=3)
-        cls = _randn(1, 1, D, device=device, requires_grad=True, seed=4)
+        imgs = _randn(N, 3, IMG, IMG, device=device, dtype=dtype)
+        weight = _randn(D, 3, P, P, device=device, requires_grad=True, seed=1, dtype=dtype)
+        bias = _randn(D, device=device, requires_grad=True, seed=2, dtype=dtype)
+        pos = _randn(1, 1 + L, D, device=device, seed=3, dtype=dtype)
+        cls = _randn(1, 1, D, device=device, requires_grad=True, seed=4, dtype=dtype)
         fwd = lambda: ops.patch_embed_masked(imgs, weight, bias, pos, cls, ids_keep, backend=backend)  # noqa: E731
         wants, out_shape = (weight, bias, cls), (N, 1 + K, D)
     elif op == "decoder input":
-        x = _randn(N, 1 + K, DD, device=device, requires_grad=True)
-        mask_token = _randn(1, 1, DD, device=device, requires_grad=True, seed=1)
-        pos = _randn(1, 1 + L, DD, device=device, seed=2)
+        x = _randn(N, 1 + K, DD, device=device, requires_grad=True, dtype=dtype)
+        mask_token = _randn(1, 1, DD, device=device, requires_grad=True, seed=1, dtype=dtype)
+        pos = _randn(1, 1 + L, DD, device=device, seed=2, dtype=dtype)
         fwd = lambda: ops.unshuffle(x, mask_token, ids_restore, pos, backend=backend)  # noqa: E731
         wants, out_shape = (x, mask_token), (N, 1 + L, DD)
     elif op == "masked loss":
-        imgs = _randn(N, 3, IMG, IMG, device=device)
-        pred = _randn(N, L, P * P * 3, device=device, requires_grad=True, seed=1)
+        imgs = _randn(N, 3, IMG, IMG, device=device, dtype=dtype)
+        pred = _randn(N, L, P * P * 3, device=device, requires_grad=True, seed=1, dtype=dtype)
         fwd = lambda: ops.masked_loss(imgs, pred, mask, P, False, backend=backend)  # noqa: E731
         wants, out_shape = (pred,), ()
     elif op == "attention":
-        qkv = _randn(N, 1 + K, 3 * D, device=device, requires_grad=True)
+        qkv = _randn(N, 1 + K, 3 * D, device=device, requires_grad=True, dtype=dtype)
         attn_backend = "math" if backend == "reference" else "auto"
         fwd = lambda: attend(qkv, HEADS, (D // HEADS) ** -0.5, backend=attn_backend)  # noqa: E731
         wants, out_shape = (qkv,), (N, 1 + K, D)
     else:
         raise ValueError(op)
-    grad = _randn(*out_shape, device=device, seed=9) if out_shape else torch.ones((), device=device)
+    if out_shape:
+        grad = _randn(*out_shape, device=device, dtype=dtype, seed=9)
+    else:  # the loss: a scalar in the loss's dtype
+        grad = torch.ones((), device=device, dtype=fwd().dtype)
     return fwd, wants, grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("op", list(OP_NAMES))
-def test_op(benchmark, request, op, pass_, backend, device):
+def test_op(benchmark, request, op, pass_, backend, device, dtype):
     N = request.config.getoption("--bench-op-batch")
     if op != "attention":
         try:
@@ -83,10 +86,10 @@ def test_op(benchmark, request, op, pass_, backend, device):
             pytest.skip(str(e))
     else:
         choice = choose("attention", device, "math" if backend == "reference" else "auto")
-    benchmark.group = f"{op}, {pass_}, {device.type}, batch {N}"
+    benchmark.group = f"{op}, {pass_}, {device.type}, {str(dtype).replace('torch.', '')}, batch {N}"
     benchmark.extra_info["impl"] = choice.impl
     benchmark.name = f"{op} {pass_} {backend} ({choice.impl})"
-    fwd, wants, grad = make_case(op, backend, N, device)
+    fwd, wants, grad = make_case(op, backend, N, device, dtype)
 
     if pass_ == "fwd":
         def run():

@@ -12,26 +12,27 @@ import mae_contenders as mc
 _BUILT = {}
 
 
-def _contenders(config, device):
+def _contenders(config, device, dtype):
     key = (config.getoption("--bench-size"), config.getoption("--bench-batch"), device.type,
-           config.getoption("--official-mae"))
+           config.getoption("--official-mae"), dtype)
     if key not in _BUILT:
         _BUILT.clear()  # one set of models alive at a time
-        _BUILT[key] = mc.build_all(key[0], key[1], device, torch.float32, key[3])
+        _BUILT[key] = mc.build_all(key[0], key[1], device, dtype, key[3])
     return _BUILT[key]
 
 
 @pytest.mark.parametrize("name", mc.CONTENDERS)
-def test_train_step(benchmark, request, name, device):
+def test_train_step(benchmark, request, name, device, dtype):
     size = request.config.getoption("--bench-size")
     batch = request.config.getoption("--bench-batch")
     rounds = request.config.getoption("--bench-rounds")
-    contender = _contenders(request.config, device).get(name)
+    contender = _contenders(request.config, device, dtype).get(name)
     if contender is None:
         pytest.skip(f"{name} was not built")
     if isinstance(contender, mc.Unavailable):
         pytest.skip(contender.reason)
-    benchmark.group = f"train step, {size}, batch {batch}, fp32, {device.type}, {torch.get_num_threads()} threads"
+    benchmark.group = (f"train step, {size}, batch {batch}, {str(dtype).replace('torch.', '')}, {device.type}, "
+                       f"{torch.get_num_threads()} threads")
     benchmark.name = f"train step {name}"
     benchmark.extra_info["what runs"] = contender.note
     contender.prepare()
