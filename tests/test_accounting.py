@@ -124,9 +124,12 @@ def test_tiny_model_step(fast_backend):
         if r.phase == "fwd" and r.region == "encoder input"]
     assert official_enc == ["aten::convolution", "aten::add.Tensor", "aten::repeat", "aten::gather",
                             "aten::add.Tensor", "aten::cat"]
-    fused = {r.op for r in accounting.count_step(
-        accounting.build_meta_model(TINY, fast_backend, torch.bfloat16), 3, keep_log=True).log}
-    assert {"mae_fast::gather_patches", "mae_fast::unshuffle_scatter", "mae_fast::masked_loss"} <= fused
+    # each fused glue region runs a mae_fast custom op forward (its fake impl on meta)
+    log = accounting.count_step(accounting.build_meta_model(TINY, fast_backend, torch.bfloat16), 3,
+                                keep_log=True).log
+    for region in ("encoder input", "decoder input", "loss"):
+        fused = [r.op for r in log if r.phase == "fwd" and r.region == region]
+        assert any(op.startswith("mae_fast::") for op in fused), (region, fused)
     # the transformer body is the same ops on both paths
     assert fast.total(("rest",)).bytes == official.total(("rest",)).bytes
     assert fast.total(GLUE).bytes < official.total(GLUE).bytes
