@@ -138,7 +138,7 @@ class MaskedAutoencoderViT(nn.Module):
         N, L, D = x.shape  # batch, length, dim
         len_keep = self._len_keep(L, mask_ratio)
         noise = self._noise(noise, N, L, x.device)
-        ids_keep, ids_restore, mask = ops.masking_indices(noise, len_keep)
+        ids_keep, ids_restore, mask = ops.masking_indices(noise, len_keep, backend=self.backend)
         x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
         return x_masked, mask, ids_restore
 
@@ -152,7 +152,7 @@ class MaskedAutoencoderViT(nn.Module):
         len_keep = self._len_keep(L, mask_ratio)
         noise = self._noise(noise, N, L, x.device)
         # masking indices once per step, shared by every op below
-        ids_keep, ids_restore, mask = ops.masking_indices(noise, len_keep)
+        ids_keep, ids_restore, mask = ops.masking_indices(noise, len_keep, backend=self.backend)
 
         # embed patches, add pos embed, keep the unmasked ones, append cls token
         x = ops.patch_embed_masked(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
@@ -204,7 +204,8 @@ class MaskedAutoencoderViT(nn.Module):
     def backend_choices(self, device=None):
         """{op: Choice} for tensors on ``device`` (default: where the parameters live)."""
         device = device if device is not None else self.cls_token.device
-        choices = {op: choose(op, device, self.backend) for op in ("patch_embed_masked", "unshuffle", "masked_loss")}
+        glue_ops = ("random_masking", "patch_embed_masked", "unshuffle", "masked_loss")
+        choices = {op: choose(op, device, self.backend) for op in glue_ops}
         choices["attention"] = choose("attention", device, self.attn_backend)
         return choices
 

@@ -52,7 +52,7 @@ def test_info_reports_what_choose_returns():
     out = subprocess.run([sys.executable, "-m", "mae_fast.info"], capture_output=True, text=True, check=True).stdout
     assert f"torch {torch.__version__}" in out and "mae_fast._C:" in out
     cpu_part, cuda_part = out.split("on cpu tensors:")[1].split("on cuda tensors:")
-    for op in ("patch_embed_masked", "unshuffle", "masked_loss", "attention"):
+    for op in ("random_masking", "patch_embed_masked", "unshuffle", "masked_loss", "attention"):
         for part, device in ((cpu_part, "cpu"), (cuda_part, "cuda")):
             line = next(l for l in part.splitlines() if l.strip().startswith(op))
             want = backends.choose(op, device, "auto")
@@ -63,4 +63,4 @@ def test_model_reports_its_choices():
     model = mae_fast.MaskedAutoencoderViT(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
                                           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
     choices = model.backend_choices("cpu")
-    assert set(choices) == {"patch_embed_masked", "unshuffle", "masked_loss", "attention"}
+    assert set(choices) == {"random_masking", "patch_embed_masked", "unshuffle", "masked_loss", "attention"}

@@ -1,8 +1,76 @@
 """Random-masking indices: computed once per step and shared by every op (encoder gather,
-decoder unshuffle, loss). Two argsorts over (N, L); torch's own sort is the implementation."""
-from .. import reference
+decoder unshuffle, loss).
+
+Fast path: ``torch.ops.mae_fast.random_masking`` from the C++/CUDA extension ``mae_fast._C``
+(``csrc/masking.cpp``, ``csrc/cuda/masking_kernels.cu``): one kernel computes ids_keep,
+ids_restore and mask from the noise (the rank of every element in its row), instead of the
+official argsort / argsort / slice / ones / fill / gather. The reference
+(``mae_fast.reference.masking_indices``) is torch's own sorts.
+
+Ties: the op breaks ties between equal noise values by index (``torch.argsort(noise,
+stable=True)``); the official ``torch.argsort`` is not stable, so with ties the two may order
+equal-noise patches differently (see docs/CUDA.md). NaN sorts as the largest value, as in torch.
+
+The indices are not differentiable: noise that requires grad is detached (the reference's
+outputs do not require grad either). This module gives the op its fake (shape) implementation.
+"""
+import torch
+
+from .. import _ext, reference
+from ..backends import choose, register_fast
+
+OP = "random_masking"
 
 
-def masking_indices(noise, len_keep: int):
-    """noise (N, L) -> ids_keep (N, len_keep), ids_restore (N, L), mask (N, L), 1 = removed."""
+def _op_available() -> bool:
+    return _ext.LOADED and hasattr(torch.ops.mae_fast, "random_masking")
+
+
+def _probe(device: torch.device):
+    if not _ext.LOADED:
+        return False, f"mae_fast._C is not built or does not load ({_ext.LOAD_ERROR})"
+    if not _op_available():
+        return False, "mae_fast._C has no random_masking op (stale build: reinstall mae_fast)"
+    if device.type == "cpu":
+        return True, "mae_fast._C CPU kernel"
+    if device.type == "cuda":
+        if _ext.built_with_cuda():
+            return True, "mae_fast._C CUDA kernel"
+        return False, "mae_fast._C was built without CUDA (no toolkit at build time, or MAE_FAST_SKIP_CUDA_BUILD=1)"
+    if device.type == "meta":
+        return True, "mae_fast._C op, shapes only (its fake implementation)"
+    return False, f"mae_fast._C has no kernel for {device.type} tensors"
+
+
+register_fast(OP, "c++", _probe)
+
+
+if _op_available():
+
+    @torch.library.register_fake("mae_fast::random_masking")
+    def _random_masking_fake(noise, len_keep):
+        torch._check(noise.dim() == 2, lambda: f"mae_fast.random_masking: noise must be (N, L), got {noise.dim()}-D")
+        N, L = noise.shape
+        torch._check(0 <= len_keep <= L, lambda: f"mae_fast.random_masking: len_keep = {len_keep} must be in [0, L]")
+        ids_keep = noise.new_empty((N, len_keep), dtype=torch.int64)
+        ids_restore = noise.new_empty((N, L), dtype=torch.int64)
+        mask = noise.new_empty((N, L), dtype=torch.float32)
+        return ids_keep, ids_restore, mask
+
+
+def _masking_cpp(noise, len_keep):
+    ids_keep, ids_restore, mask = torch.ops.mae_fast.random_masking(noise.detach().contiguous(), len_keep)
+    # the official mask is torch.ones(...) in the default dtype; the op writes float32
+    default_dtype = torch.get_default_dtype()
+    if mask.dtype != default_dtype:
+        mask = mask.to(default_dtype)
+    return ids_keep, ids_restore, mask
+
+
+def masking_indices(noise, len_keep: int, *, backend="auto"):
+    """noise (N, L) -> ids_keep (N, len_keep) int64, ids_restore (N, L) int64, mask (N, L) in the
+    default float dtype, 1 = removed."""
+    choice = choose(OP, noise.device, backend)
+    if choice.impl == "c++":
+        return _masking_cpp(noise, len_keep)
     return reference.masking_indices(noise, len_keep)
