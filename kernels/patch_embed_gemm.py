@@ -116,3 +116,106 @@ def patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3,
     )
     return out
+
+
+@triton.jit
+def _patch_embed_gemm_bwd_kernel(
+    grad_out_ptr, imgs_ptr, ids_keep_ptr, grad_w_ptr, grad_bias_ptr, grad_cls_ptr,
+    num_rows, num_keep, grid_w, dim,
+    stride_gn, stride_gt, stride_gd,
+    stride_in, stride_ic, stride_ih, stride_iw,
+    stride_kn, stride_kk,
+    CHANS: tl.constexpr, PATCH: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The forward's gradients in one kernel, grid (cdiv(D, BLOCK_D), cdiv(C*p*p, BLOCK_E)).
+    Program (d, e) owns the grad_weight tile [BLOCK_D, BLOCK_E] and walks every token row of
+    grad_out (N, 1+K, D) in order, BLOCK_M rows at a time (one program per output tile, fixed
+    order: deterministic, no atomics):
+      prologue  the patch tile A [BLOCK_M, BLOCK_E] of each row gathered straight from imgs,
+                as the forward does (cls rows load nothing, so they add nothing);
+      main loop grad_w += G^T @ A, G^T [BLOCK_D, BLOCK_M] read in place from grad_out, in
+                DOT_DTYPE (the forward's compute dtype) with fp32 accumulation;
+      column-block 0 programs also sum G over the patch rows (grad_bias, G rounded to the
+                compute dtype as the GEMM sees it) and over the cls rows (grad_cls, as given).
+    """
+    pid_d = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < dim
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)  # reduction index of the forward, (c, i, j)
+    e_ok = e < CHANS * PATCH * PATCH
+    a_offs = (e // (PATCH * PATCH)) * stride_ic + ((e // PATCH) % PATCH) * stride_ih \
+        + (e % PATCH) * stride_iw
+    sums = pid_e == 0
+
+    acc = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
+    bias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    cls_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for m0 in range(0, num_rows, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)  # token rows n * (1+K) + t
+        row_ok = rows < num_rows
+        n = rows // (num_keep + 1)
+        t = rows % (num_keep + 1)
+        is_patch = row_ok & (t > 0)
+        patch_id = tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + (t - 1) * stride_kk,
+                           mask=is_patch, other=0).to(tl.int32)
+        a_base = (n.to(tl.int64) * stride_in + ((patch_id // grid_w) * PATCH) * stride_ih
+                  + ((patch_id % grid_w) * PATCH) * stride_iw)  # [BLOCK_M]
+        a = tl.load(imgs_ptr + a_base[:, None] + a_offs[None, :],
+                    mask=is_patch[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
+        g_t = tl.load(grad_out_ptr + (n.to(tl.int64) * stride_gn + t * stride_gt)[None, :]
+                      + d[:, None] * stride_gd,
+                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_M]
+        g_dot = g_t.to(DOT_DTYPE)
+        if EMULATE_DOT:  # the interpreter's tl.dot cannot take bf16 (numpy sees uint16)
+            acc = tl.dot(g_dot.to(tl.float32), a.to(DOT_DTYPE).to(tl.float32), acc,
+                         input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(g_dot, a.to(DOT_DTYPE), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(g_dot, a.to(DOT_DTYPE), acc)
+        if sums:
+            bias_acc += tl.sum(tl.where(is_patch[None, :], g_dot.to(tl.float32), 0.0), axis=1)
+            cls_acc += tl.sum(tl.where((row_ok & (t == 0))[None, :], g_t.to(tl.float32), 0.0),
+                              axis=1)
+
+    w_offs = d[:, None] * (CHANS * PATCH * PATCH) + e[None, :]
+    tl.store(grad_w_ptr + w_offs, acc.to(grad_w_ptr.dtype.element_ty),
+             mask=d_ok[:, None] & e_ok[None, :])
+    if sums:
+        tl.store(grad_bias_ptr + d, bias_acc.to(grad_bias_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(grad_cls_ptr + d, cls_acc.to(grad_cls_ptr.dtype.element_ty), mask=d_ok)
+
+
+def patch_embed_gemm_backward(grad_out, imgs, ids_keep, weight_shape, compute_dtype: torch.dtype,
+                              weight_dtype: torch.dtype, bias_dtype: torch.dtype,
+                              cls_dtype: torch.dtype):
+    """grad_out (N, 1+K, D) any strides; imgs (N, C, H, W) any strides; ids_keep (N, K) ->
+    grad_weight (D, C, p, p) in weight_dtype, grad_bias (D,) in bias_dtype, grad_cls (1, 1, D)
+    in cls_dtype, all from one kernel."""
+    N, C, H, W = imgs.shape
+    D, p = weight_shape[0], weight_shape[-1]
+    K = ids_keep.shape[1]
+    grad_weight = grad_out.new_empty(tuple(weight_shape), dtype=weight_dtype)
+    grad_bias = grad_out.new_empty((D,), dtype=bias_dtype)
+    grad_cls = grad_out.new_empty((1, 1, D), dtype=cls_dtype)
+    if D == 0:
+        return grad_weight, grad_bias, grad_cls
+    # 64x64 output tiles, 32 rows a step, 8 warps, 2 stages: 0 ptxas spills on sm_80/90/100 for
+    # the bf16/fp16 MMA and the fp32 IEEE variant (tools/triton_aot.py). Tried and spilling:
+    # 4 warps with 3 stages (fp32 on sm_100a, up to 2.9 KB), 4 warps with 1-2 stages (fp32 on
+    # sm_80), 64x64x16/4, 32x64x32/4, 64x32x32/4. Not tuned on a GPU.
+    block_d, block_e, block_m = 64, 64, 32
+    grid = (triton.cdiv(D, block_d), triton.cdiv(C * p * p, block_e))
+    _patch_embed_gemm_bwd_kernel[grid](
+        grad_out, imgs, ids_keep, grad_weight, grad_bias, grad_cls,
+        N * (1 + K), K, W // p, D,
+        *grad_out.stride(), *imgs.stride(), *ids_keep.stride(),
+        CHANS=C, PATCH=p,
+        DOT_DTYPE=_TL_DTYPE[compute_dtype], IEEE=compute_dtype == torch.float32,
+        EMULATE_DOT=imgs.device.type == "cpu" and compute_dtype != torch.float32,
+        BLOCK_D=block_d, BLOCK_E=block_e, BLOCK_M=block_m, num_warps=8, num_stages=2,
+    )
+    return grad_weight, grad_bias, grad_cls

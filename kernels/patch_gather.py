@@ -141,3 +141,67 @@ def add_pos_cls(x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tenso
         BLOCK_D=block_d, num_warps=_num_warps(block_d),
     )
     return out
+
+
+@triton.jit
+def _add_pos_cls_bwd_kernel(
+    grad_out_ptr, grad_x_ptr, grad_cls_ptr,
+    batch, num_keep, dim, num_cls_programs,
+    stride_gn, stride_gt, stride_gd,
+    BLOCK_D: tl.constexpr, CLS_BLOCK_N: tl.constexpr, CLS_BLOCK_D: tl.constexpr,
+):
+    """add_pos_cls' backward, grid (num_cls_programs + N*K, cdiv(D, BLOCK_D)), grad_out
+    (N, 1+K, D) any strides:
+      program c < num_cls_programs (and column block 0): grad_cls[d] = sum over n of
+                 grad_out[n, 0, d] for its CLS_BLOCK_D columns, in fp32, CLS_BLOCK_N rows a step
+                 in order (one program per column block, fixed order: deterministic, no
+                 atomics); first in the grid, so scheduled first;
+      program num_cls_programs + r: grad_x[r] = grad_out[r // K, 1 + r % K] (the kept rows,
+                 written contiguous in x's dtype: what the linear's backward would otherwise copy).
+    """
+    pid = tl.program_id(0)
+    if pid < num_cls_programs:
+        if tl.program_id(1) == 0:
+            d = pid * CLS_BLOCK_D + tl.arange(0, CLS_BLOCK_D)
+            in_dim = d < dim
+            acc = tl.zeros([CLS_BLOCK_D], dtype=tl.float32)
+            for n0 in range(0, batch, CLS_BLOCK_N):
+                n = n0 + tl.arange(0, CLS_BLOCK_N)
+                tile = tl.load(grad_out_ptr + n.to(tl.int64)[:, None] * stride_gn
+                               + d[None, :] * stride_gd,
+                               mask=(n < batch)[:, None] & in_dim[None, :], other=0.0)
+                acc += tl.sum(tile.to(tl.float32), axis=0)
+            tl.store(grad_cls_ptr + d, acc.to(grad_cls_ptr.dtype.element_ty), mask=in_dim)
+    else:
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_dim = d < dim
+        r = pid - num_cls_programs
+        n = r // num_keep
+        t = 1 + r % num_keep
+        val = tl.load(grad_out_ptr + n.to(tl.int64) * stride_gn + t * stride_gt + d * stride_gd,
+                      mask=in_dim)
+        tl.store(grad_x_ptr + r.to(tl.int64) * dim + d, val.to(grad_x_ptr.dtype.element_ty),
+                 mask=in_dim)
+
+
+def add_pos_cls_backward(grad_out: torch.Tensor, x_dtype: torch.dtype, cls_dtype: torch.dtype):
+    """grad_out (N, 1+K, D) any strides -> grad_x (N, K, D) contiguous in x_dtype,
+    grad_cls (1, 1, D) in cls_dtype (the batch sum of row 0, fp32 accumulation, n in order)."""
+    N, T, D = grad_out.shape
+    K = T - 1
+    grad_x = grad_out.new_empty((N, K, D), dtype=x_dtype)
+    grad_cls = grad_out.new_empty((1, 1, D), dtype=cls_dtype)
+    if D == 0:
+        return grad_x, grad_cls
+    block_d = min(triton.next_power_of_2(D), 1024)
+    # the cls sum: 32 rows x 128 columns a step (16 fp32 registers a thread at 4 warps)
+    cls_block_d = min(triton.next_power_of_2(D), 128)
+    num_cls = triton.cdiv(D, cls_block_d)
+    _add_pos_cls_bwd_kernel[(num_cls + N * K, triton.cdiv(D, block_d))](
+        grad_out, grad_x, grad_cls,
+        N, K, D, num_cls,
+        *grad_out.stride(),
+        BLOCK_D=block_d, CLS_BLOCK_N=32, CLS_BLOCK_D=cls_block_d,
+        num_warps=max(_num_warps(block_d), 4),
+    )
+    return grad_x, grad_cls

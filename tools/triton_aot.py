@@ -77,6 +77,7 @@ def launches():
     loss, mask_sum = torch.empty((), device=meta), torch.empty((), device=meta)
     grad_loss = torch.empty((), device=meta)
     weight, bias = torch.empty(D, C, p, p, device=meta), torch.empty(D, device=meta)
+    grad_tokens = torch.empty(N, 1 + K, D, device=meta)  # fp32 tokens: bf16 GEMM + fp32 pos
     L14 = (H // 14) * (W // 14)
     ids_keep14 = torch.empty(N, L14 // 4, dtype=torch.long, device=meta)
     pred14 = torch.empty(N, L14, C * 14 * 14, dtype=torch.bfloat16, device=meta)
@@ -89,6 +90,8 @@ def launches():
             torch.empty(N, K, P, device=meta), ids_keep, p, torch.empty_like(imgs))),
         ("pos+cls D1024", patch_gather, lambda: patch_gather.add_pos_cls(
             x, pos_embed, cls_token, ids_keep, torch.float32)),
+        ("pos+cls bwd D1024", patch_gather, lambda: patch_gather.add_pos_cls_backward(
+            grad_tokens, torch.bfloat16, torch.float32)),
         ("loss fwd normpix", masked_loss, lambda: masked_loss.masked_loss_fwd(
             imgs, pred, mask, p, True, torch.float32)),
         ("loss bwd normpix", masked_loss, lambda: masked_loss.masked_loss_bwd(
@@ -111,6 +114,12 @@ def launches():
             imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32)),
         ("gemm fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
             imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.float32, torch.float32)),
+        ("gemm bwd bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
+            grad_tokens, imgs, ids_keep, weight.shape, torch.bfloat16, torch.float32, torch.float32,
+            torch.float32)),
+        ("gemm bwd fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
+            grad_tokens, imgs, ids_keep, weight.shape, torch.float32, torch.float32, torch.float32,
+            torch.float32)),
     ]
     out, seen = [], set()
     for label, module, call in calls:

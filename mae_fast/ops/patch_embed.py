@@ -17,7 +17,7 @@ Stretch, opt-in with ``MAE_FAST_PATCH_EMBED=gemm``: ``mae_fast::patch_embed_gemm
 steps in one Triton GEMM (gather prologue, pos/cls epilogue); its GPU speed is not measured.
 """
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -184,13 +184,37 @@ def _pos_cls_grads(grad_out, ids_keep, pos_shape, pos_dtype, cls_dtype, want_pos
     return grad_pos, grad_cls
 
 
+@torch.library.custom_op("mae_fast::add_pos_cls_backward", mutates_args=())
+def add_pos_cls_backward(grad_out: torch.Tensor, x_dtype: torch.dtype,
+                         cls_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """add_pos_cls' backward in one op: grad_out (N, 1+K, D) -> grad_x (N, K, D), contiguous, in
+    x_dtype (what F.linear's backward needs, so it makes no copy) and grad_cls (1, 1, D) in
+    cls_dtype = the batch sum of row 0 (fp32 accumulation, rows in order: deterministic)."""
+    if _triton_runs(grad_out.device):
+        from ..kernels import patch_gather
+        return patch_gather.add_pos_cls_backward(grad_out, x_dtype, cls_dtype)
+    grad_x = grad_out[:, 1:].to(x_dtype, memory_format=torch.contiguous_format, copy=True)
+    grad_cls = grad_out[:, :1].sum(0, keepdim=True, dtype=torch.float32).to(cls_dtype)
+    return grad_x, grad_cls
+
+
+@add_pos_cls_backward.register_fake
+def _(grad_out, x_dtype, cls_dtype):
+    N, T, D = grad_out.shape
+    return (grad_out.new_empty((N, T - 1, D), dtype=x_dtype),
+            grad_out.new_empty((1, 1, D), dtype=cls_dtype))
+
+
 def _add_pos_cls_backward(ctx, grad_out):
     (ids_keep,) = ctx.saved_tensors
     x_dtype, pos_dtype, cls_dtype = ctx.dtypes
-    grad_x = grad_out[:, 1:].to(x_dtype) if ctx.needs_input_grad[0] else None
-    grad_pos, grad_cls = _pos_cls_grads(grad_out, ids_keep, ctx.pos_shape, pos_dtype, cls_dtype,
-                                        ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-    return grad_x, grad_pos, grad_cls, None
+    grad_x = grad_cls = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+        grad_x, grad_cls = add_pos_cls_backward(grad_out, x_dtype, cls_dtype)
+    grad_pos, _ = _pos_cls_grads(grad_out, ids_keep, ctx.pos_shape, pos_dtype, cls_dtype,
+                                 ctx.needs_input_grad[1], False)
+    return (grad_x if ctx.needs_input_grad[0] else None, grad_pos,
+            grad_cls if ctx.needs_input_grad[2] else None, None)
 
 
 add_pos_cls.register_autograd(_add_pos_cls_backward, setup_context=_add_pos_cls_setup)
@@ -229,40 +253,73 @@ def _(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype):
                           dtype=_gemm_out_dtype(compute_dtype, pos_embed, cls_token))
 
 
+@torch.library.custom_op("mae_fast::patch_embed_gemm_backward", mutates_args=())
+def patch_embed_gemm_backward(grad_out: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor,
+                              weight_shape: List[int], compute_dtype: torch.dtype,
+                              weight_dtype: torch.dtype, bias_dtype: torch.dtype,
+                              cls_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """patch_embed_gemm's parameter gradients in one op: grad_out (N, 1+K, D) ->
+    grad_weight (D, C, p, p) = grad_tokens^T @ patches (the kept patches read straight from
+    imgs, not saved), grad_bias (D,) = column sums of grad_tokens, grad_cls (1, 1, D) = batch
+    sum of row 0, where grad_tokens = grad_out[:, 1:] in the forward's compute dtype (as the
+    reference's Conv2d backward sees it); fp32 accumulation, deterministic."""
+    if _triton_runs(grad_out.device):
+        from ..kernels import patch_embed_gemm as kernels
+        return kernels.patch_embed_gemm_backward(grad_out, imgs, ids_keep, weight_shape,
+                                                 compute_dtype, weight_dtype, bias_dtype, cls_dtype)
+    D, p = weight_shape[0], weight_shape[-1]
+    grad_tokens = grad_out[:, 1:].to(compute_dtype)  # (N, K, D)
+    patches = gather_patches(imgs, ids_keep, p).to(compute_dtype)  # (N, K, C*p*p)
+    grad_weight = grad_tokens.reshape(-1, D).t() @ patches.reshape(-1, patches.shape[-1])
+    grad_bias = grad_tokens.sum((0, 1), dtype=torch.float32)
+    grad_cls = grad_out[:, :1].sum(0, keepdim=True, dtype=torch.float32)
+    return (grad_weight.reshape(weight_shape).to(weight_dtype), grad_bias.to(bias_dtype),
+            grad_cls.to(cls_dtype))
+
+
+@patch_embed_gemm_backward.register_fake
+def _(grad_out, imgs, ids_keep, weight_shape, compute_dtype, weight_dtype, bias_dtype, cls_dtype):
+    D = weight_shape[0]
+    return (grad_out.new_empty(tuple(weight_shape), dtype=weight_dtype),
+            grad_out.new_empty((D,), dtype=bias_dtype), grad_out.new_empty((1, 1, D), dtype=cls_dtype))
+
+
 def _gemm_setup(ctx, inputs, output):
     imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype = inputs
-    ctx.save_for_backward(imgs if ctx.needs_input_grad[1] else None, weight, ids_keep)
+    ctx.save_for_backward(imgs, weight if ctx.needs_input_grad[0] else None, ids_keep)
     ctx.imgs_meta = (imgs.shape, imgs.dtype, imgs.dim() == 4 and not imgs.is_contiguous()
                      and imgs.is_contiguous(memory_format=torch.channels_last))
+    ctx.weight_meta = (list(weight.shape), weight.dtype)
     ctx.dtypes = (None if bias is None else bias.dtype, pos_embed.dtype, cls_token.dtype)
     ctx.pos_shape = pos_embed.shape
     ctx.compute_dtype = compute_dtype
 
 
 def _gemm_backward(ctx, grad_out):
-    """grad_out (N, 1+K, D). The GEMM's gradients by torch matmuls in the forward's compute
-    dtype (as the Conv2d backward of the reference) on the kept patches (re-gathered, not
-    saved); the gather's and the epilogue's as in the split path."""
+    """grad_out (N, 1+K, D). Weight, bias and cls gradients: one op (patch_embed_gemm_backward,
+    one Triton kernel). grad_imgs (rare: images seldom require grad): a matmul in the compute
+    dtype + scatter_patches; grad_pos (frozen in MAE): the split path's torch code."""
     imgs, weight, ids_keep = ctx.saved_tensors
     imgs_shape, imgs_dtype, channels_last = ctx.imgs_meta
+    weight_shape, weight_dtype = ctx.weight_meta
     bias_dtype, pos_dtype, cls_dtype = ctx.dtypes
     compute_dtype = ctx.compute_dtype
-    D, p = weight.shape[0], weight.shape[-1]
-    grad_tokens = grad_out[:, 1:].to(compute_dtype)  # (N, K, D)
-    grad_imgs = grad_weight = grad_bias = None
+    D, p = weight_shape[0], weight_shape[-1]
+    grad_imgs = grad_weight = grad_bias = grad_cls = None
     if ctx.needs_input_grad[0]:
+        grad_tokens = grad_out[:, 1:].to(compute_dtype)  # (N, K, D)
         grad_patches = grad_tokens @ weight.reshape(D, -1).to(compute_dtype)  # (N, K, C*p*p)
         grad_imgs = scatter_patches(grad_patches.to(imgs_dtype), ids_keep, p, imgs_shape[2],
                                     imgs_shape[3], channels_last)
-    if ctx.needs_input_grad[1]:
-        patches = gather_patches(imgs, ids_keep, p).to(compute_dtype)  # (N, K, C*p*p)
-        grad_weight = grad_tokens.reshape(-1, D).t() @ patches.reshape(-1, patches.shape[-1])
-        grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
-    if ctx.needs_input_grad[2]:
-        grad_bias = grad_tokens.sum((0, 1)).to(bias_dtype)
-    grad_pos, grad_cls = _pos_cls_grads(grad_out, ids_keep, ctx.pos_shape, pos_dtype, cls_dtype,
-                                        ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-    return grad_imgs, grad_weight, grad_bias, grad_pos, grad_cls, None, None
+    if any(ctx.needs_input_grad[i] for i in (1, 2, 4)):
+        grad_weight, grad_bias, grad_cls = patch_embed_gemm_backward(
+            grad_out, imgs, ids_keep, weight_shape, compute_dtype, weight_dtype,
+            bias_dtype or weight_dtype, cls_dtype)
+    grad_pos, _ = _pos_cls_grads(grad_out, ids_keep, ctx.pos_shape, pos_dtype, cls_dtype,
+                                 ctx.needs_input_grad[3], False)
+    keep = lambda i, g: g if ctx.needs_input_grad[i] else None  # noqa: E731
+    return (grad_imgs, keep(1, grad_weight), keep(2, grad_bias), grad_pos, keep(4, grad_cls),
+            None, None)
 
 
 patch_embed_gemm.register_autograd(_gemm_backward, setup_context=_gemm_setup)
