@@ -36,6 +36,8 @@ Dims check_args(const Tensor& noise, int64_t len_keep) {
   TORCH_CHECK(noise.is_contiguous(), "mae_fast.random_masking: noise must be contiguous (call .contiguous()); got "
               "strides ", noise.strides(), " for shape ", noise.sizes());
   const int64_t N = noise.size(0), L = noise.size(1);
+  TORCH_CHECK(L <= kMaxL, "mae_fast.random_masking: L = ", L, " is too long (at most ", kMaxL,
+              "; the rank of an element costs O(L)): use backend='reference' (torch.argsort)");
   TORCH_CHECK(len_keep >= 0 && len_keep <= L, "mae_fast.random_masking: len_keep = ", len_keep,
               " must be in [0, L = ", L, "]");
   return Dims{N, L, len_keep};

@@ -34,33 +34,37 @@
 namespace mae_fast {
 namespace masking {
 
+// The longest row (the rank arithmetic is 32-bit; an O(L^2) rank per row is meant for L ~ 1e2-1e3).
+constexpr int64_t kMaxL = INT32_MAX;
+
 struct Dims {
   int64_t N;         // rows (samples)
   int64_t L;         // patches per row
   int64_t len_keep;  // kept patches per row, 0 <= len_keep <= L
 };
 
-// An unsigned integer whose order is torch's sort order of the float it came from (see above):
-// the IEEE bits with the sign bit flipped for non-negative values and all bits flipped for
-// negative ones; -0.0 is made +0.0 first (they compare equal) and every NaN becomes the largest key.
-MAE_FAST_HD uint32_t sort_key(float v) {
-  if (v != v) return 0xFFFFFFFFu;  // NaN, any sign or payload
-  if (v == 0.0f) v = 0.0f;         // -0.0 -> +0.0
-  uint32_t bits;
+// A signed integer whose order is torch's sort order of the float it came from (see above): the
+// IEEE bits as a signed integer, with the magnitude bits flipped for negative values (so that a
+// larger magnitude is smaller); -0.0 is made +0.0 first (they compare equal) and every NaN becomes
+// the largest key. Signed, so that the CPU's vector compares (pcmpgtd) take it directly.
+MAE_FAST_HD int32_t sort_key(float v) {
+  if (v != v) return INT32_MAX;  // NaN, any sign or payload (+inf is 0x7F800000, below it)
+  if (v == 0.0f) v = 0.0f;       // -0.0 -> +0.0
+  int32_t bits;
   memcpy(&bits, &v, sizeof(bits));
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return bits < 0 ? bits ^ INT32_MAX : bits;
 }
 
-MAE_FAST_HD uint64_t sort_key(double v) {
-  if (v != v) return 0xFFFFFFFFFFFFFFFFull;
+MAE_FAST_HD int64_t sort_key(double v) {
+  if (v != v) return INT64_MAX;
   if (v == 0.0) v = 0.0;
-  uint64_t bits;
+  int64_t bits;
   memcpy(&bits, &v, sizeof(bits));
-  return (bits & 0x8000000000000000ull) ? ~bits : (bits | 0x8000000000000000ull);
+  return bits < 0 ? bits ^ INT64_MAX : bits;
 }
 
 // The key of one noise value: fp16 / bf16 widen exactly to float (their op-math type), float and
-// double map directly. Key<T> is its type (uint32_t, or uint64_t for double).
+// double map directly. Key<T> is its type (int32_t, or int64_t for double).
 template <typename scalar_t>
 MAE_FAST_HD auto key_of(scalar_t v) {
   return sort_key(static_cast<at::opmath_type<scalar_t>>(v));
@@ -72,12 +76,15 @@ using Key = decltype(key_of(scalar_t()));
 // rank(l) within one row of keys (see above). Written as two branch-free counting loops, the
 // first over j < l (ties count: they come first), the second over j > l (ties do not): the CPU
 // vectorizes them, and on the GPU a warp's threads (different l) run about L + 32 steps in all.
+// Rows are at most kMaxL long (checked on the host), so the count and the loop indices are 32-bit:
+// the CPU then compares and counts in the same lanes (4 or 8 at a time).
 template <typename key_t>
 MAE_FAST_HD int64_t stable_rank(const key_t* keys, int64_t L, int64_t l) {
   const key_t k = keys[l];
-  int64_t rank = 0;
-  for (int64_t j = 0; j < l; ++j) rank += keys[j] <= k;
-  for (int64_t j = l + 1; j < L; ++j) rank += keys[j] < k;
+  const int32_t L32 = static_cast<int32_t>(L), l32 = static_cast<int32_t>(l);
+  int32_t rank = 0;
+  for (int32_t j = 0; j < l32; ++j) rank += keys[j] <= k;
+  for (int32_t j = l32 + 1; j < L32; ++j) rank += keys[j] < k;
   return rank;
 }
 
