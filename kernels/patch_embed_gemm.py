@@ -10,6 +10,11 @@
   epilogue  + bias + pos_embed[1 + ids_keep] (patch rows) or cls_token + pos_embed[0] (cls rows),
             in fp32, one rounding to out's dtype.
 Index map: the same as ``patch_gather`` (patch l at grid row l // grid_w, column l % grid_w).
+
+``_patch_embed_gemm_bwd_kernel`` is its backward for the parameters, one kernel: grad_weight =
+grad_tokens^T @ patches with the same gather as its prologue (patches are re-read from imgs, not
+saved), grad_bias and grad_cls as column sums of the same grad_out rows; each output tile is
+reduced by one program over all rows in order (deterministic, no atomics).
 """
 import triton
 import triton.language as tl
@@ -165,9 +170,10 @@ def _patch_embed_gemm_bwd_kernel(
                   + ((patch_id % grid_w) * PATCH) * stride_iw)  # [BLOCK_M]
         a = tl.load(imgs_ptr + a_base[:, None] + a_offs[None, :],
                     mask=is_patch[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
-        g_t = tl.load(grad_out_ptr + (n.to(tl.int64) * stride_gn + t * stride_gt)[None, :]
-                      + d[:, None] * stride_gd,
-                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_M]
+        g = tl.load(grad_out_ptr + (n.to(tl.int64) * stride_gn + t * stride_gt)[:, None]
+                    + d[None, :] * stride_gd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        g_t = tl.trans(g)  # [BLOCK_D, BLOCK_M]
         g_dot = g_t.to(DOT_DTYPE)
         if EMULATE_DOT:  # the interpreter's tl.dot cannot take bf16 (numpy sees uint16)
             acc = tl.dot(g_dot.to(tl.float32), a.to(DOT_DTYPE).to(tl.float32), acc,

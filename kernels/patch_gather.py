@@ -9,6 +9,10 @@ Index map shared by every kernel here (one place, used both ways):
   patch ``l`` of image ``n`` sits at grid row ``l // grid_w``, column ``l % grid_w``;
   element ``(c, i, j)`` of that patch (the Conv2d weight's ``(c, p, q)`` order) is pixel
   ``imgs[n, c, row * p + i, col * p + j]``.
+
+``_add_pos_cls_bwd_kernel`` is the epilogue's backward: the kept rows of grad_out copied out
+contiguous (the linear's backward needs them so) and the cls gradient summed over the batch in a
+fixed order.
 """
 import triton
 import triton.language as tl

@@ -47,3 +47,12 @@ def test_contiguous_image_gather_uses_128_bit_accesses(rows):
     for r in rows:
         if r["config"] in ("gather nchw", "scatter nchw"):
             assert r["ld128"] > 0 and r["st128"] > 0, r
+
+
+def test_gemm_kernels_pipeline_their_tiles_with_16_byte_copies(rows):
+    """The patch-embed GEMM forward and its fused backward load their tiles (the gathered image
+    patches, the weight / grad_out) through 16-byte cp.async copies into shared memory."""
+    gemm = [r for r in rows if r["kernel"] in ("patch_embed_gemm_kernel", "patch_embed_gemm_bwd_kernel")]
+    assert {r["kernel"] for r in gemm} == {"patch_embed_gemm_kernel", "patch_embed_gemm_bwd_kernel"}
+    for r in gemm:
+        assert r["cp16"] > 0, r

@@ -223,3 +223,23 @@ def test_backward_launches(mode, want, monkeypatch):
         tokens.backward(grad_out)
     launched = [op for op in counter.ops if not op.startswith("aten::empty")]
     assert launched == want
+
+
+@pytest.mark.parametrize("mode", ["split", "gemm"])
+def test_torch_compile_fullgraph_backward(mode, monkeypatch):
+    """The backward ops trace under torch.compile(fullgraph=True) (aot_eager) and give the
+    reference's gradients."""
+    monkeypatch.setenv("MAE_FAST_PATCH_EMBED", mode)
+    p, N, C, H, W, D = 4, 2, 3, 8, 12, 16
+    L = (H // p) * (W // p)
+    params = [torch.randn(D, C, p, p, requires_grad=True), torch.randn(D, requires_grad=True),
+              torch.randn(1, 1 + L, D), torch.randn(1, 1, D, requires_grad=True)]
+    imgs, ids_keep = torch.randn(N, C, H, W), _kept(N, L, 0.5)
+    compiled = torch.compile(lambda i, k: ops.patch_embed_masked(i, *params, k, backend="fast"),
+                             fullgraph=True, backend="aot_eager")
+    trainable = [params[0], params[1], params[3]]
+    got = torch.autograd.grad(compiled(imgs, ids_keep).square().sum(), trainable)
+    want = torch.autograd.grad(reference.patch_embed_masked(imgs, *params, ids_keep).square().sum(),
+                               trainable)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)

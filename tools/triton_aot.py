@@ -178,6 +178,9 @@ def _source(fn, args, kwargs):
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
+# 16-byte asynchronous copies global -> shared (the software-pipelined GEMM tiles): 128-bit too
+_CP16 = re.compile(r"^\s*(?:@%p\d+\s+)?cp\.async\.c[ag]\.shared\.global[^;]*,\s*(?:0x10|16)\s*[,;]",
+                   re.MULTILINE)
 _V4 = re.compile(r"^\s*(?:@%p\d+\s+)?(ld|st)\.global[.\w]*\.(?:v4\.(?:b32|f32|u32|s32)|v2\.(?:b64|f64|u64|s64))\b",
                  re.MULTILINE)
 
@@ -221,6 +224,7 @@ def _compile_rows(archs):
                                spills=spills, shared=max(smem, compiled.metadata.shared),
                                ld128=sum(1 for v in vec if v == "ld"),
                                st128=sum(1 for v in vec if v == "st"),
+                               cp16=len(_CP16.findall(ptx)),
                                num_warps=opts["num_warps"]))
     return result
 
@@ -228,7 +232,7 @@ def _compile_rows(archs):
 def rows(archs=ARCHS):
     """One dict per (kernel config, arch): kernel, config, arch, registers, spills (bytes,
     stores + loads), shared (bytes), ld128 / st128 (128-bit global loads / stores in the PTX),
-    num_warps."""
+    cp16 (16-byte cp.async global -> shared copies: the pipelined GEMM tiles), num_warps."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = dict(os.environ, TRITON_INTERPRET="0")
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--json",
@@ -242,11 +246,11 @@ def rows(archs=ARCHS):
 
 def table(result) -> str:
     head = ("| kernel | launch (ViT-L/16, N=256) | arch | warps | registers | spills (B) | shared (B) "
-            "| 128-bit ld | 128-bit st |")
+            "| 128-bit ld | 128-bit st | 16-B cp.async |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in result:
         lines.append(f"| `{r['kernel']}` | {r['config']} | {r['arch']} | {r['num_warps']} | {r['registers']} "
-                     f"| {r['spills']} | {r['shared']} | {r['ld128']} | {r['st128']} |")
+                     f"| {r['spills']} | {r['shared']} | {r['ld128']} | {r['st128']} | {r.get('cp16', 0)} |")
     return "\n".join(lines)
 
 

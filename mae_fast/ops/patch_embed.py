@@ -13,8 +13,14 @@ is per patch. Each op is a ``torch.library.custom_op`` with a fake impl (meta te
 version of the same gather elsewhere. ``torch.library.triton_op`` is not used: under the
 interpreter on CPU it fails ("invalid python storage"), see DESIGN.md.
 
+Backward: ``mae_fast::add_pos_cls_backward`` (one kernel: contiguous grad_x + grad_cls), then
+F.linear's (weight-gradient mm, bias sum), then ``scatter_patches`` only if imgs requires grad.
+
 Stretch, opt-in with ``MAE_FAST_PATCH_EMBED=gemm``: ``mae_fast::patch_embed_gemm`` does all three
-steps in one Triton GEMM (gather prologue, pos/cls epilogue); its GPU speed is not measured.
+steps in one Triton GEMM (gather prologue, pos/cls epilogue), and
+``mae_fast::patch_embed_gemm_backward`` all parameter gradients in one kernel (gather prologue
+again): 2 ops for the encoder input, forward + backward. Its GPU speed is not measured, hence
+opt-in (docs/TRITON.md says why).
 """
 import os
 from typing import List, Optional, Tuple
