@@ -243,3 +243,52 @@ def test_torch_compile_fullgraph_backward(mode, monkeypatch):
                                trainable)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+
+
+def test_backward_ops_fuzz_against_float64():
+    """200 seeded random cases per backward op: patch, channels, grid (with a leftover row that
+    Conv2d drops), batch, keep count (0 included), D, compute dtype, image layout, int32/int64
+    ids, strided grad_out."""
+    import random
+    rng = random.Random(2024)
+    for case in range(200):
+        p = rng.choice([1, 2, 3, 4, 5, 8])
+        C, N, D = rng.randint(1, 4), rng.randint(1, 3), rng.choice([1, 5, 16, 33, 70])
+        h, w = rng.randint(1, 3), rng.randint(1, 3)
+        L = h * w
+        K = rng.randint(0, L)
+        compute_dtype = rng.choice(DTYPES)
+        imgs = torch.randn(N, C, h * p + rng.choice([0, 1]), w * p).to(compute_dtype)
+        if rng.random() < 0.5:
+            imgs = imgs.to(memory_format=torch.channels_last)
+        ids_keep = torch.stack([torch.randperm(L)[:K] for _ in range(N)])
+        if rng.random() < 0.3:
+            ids_keep = ids_keep.int()
+        grad_out = torch.randn(N, 1 + K, 2 * D)[:, :, ::2] if rng.random() < 0.5 \
+            else torch.randn(N, 1 + K, D)
+        what = f"case {case}: p={p} C={C} N={N} L={L} K={K} D={D} {compute_dtype}"
+
+        grad_x, grad_cls = pe.add_pos_cls_backward(grad_out, compute_dtype, torch.float32)
+        assert grad_x.is_contiguous(), what
+        torch.testing.assert_close(grad_x.float(), grad_out[:, 1:].to(compute_dtype).float(),
+                                   atol=0, rtol=2.0 ** -7 if compute_dtype == torch.bfloat16 else 0,
+                                   msg=lambda m: f"{what}: grad_x {m}")
+        want_cls = grad_out[:, :1].double().sum(0, keepdim=True)
+        torch.testing.assert_close(grad_cls.double(), want_cls, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"{what}: grad_cls {m}")
+
+        got = pe.patch_embed_gemm_backward(grad_out, imgs, ids_keep, [D, C, p, p], compute_dtype,
+                                           torch.float32, torch.float32, torch.float32)
+        grad_tokens = grad_out[:, 1:].to(compute_dtype).double()
+        patches = pe.gather_patches(imgs, ids_keep, p).double()
+        want = (torch.einsum("nkd,nke->de", grad_tokens, patches).reshape(D, C, p, p),
+                grad_tokens.sum((0, 1)), want_cls)
+        # error bound of each sum: rel x the sum of the magnitudes of its terms (the interpreter
+        # truncates fp32 -> bf16 where torch rounds: each bf16 term may be one ulp off)
+        rel = 2.0 ** -7 if compute_dtype == torch.bfloat16 else 1e-5
+        magnitudes = (torch.einsum("nkd,nke->de", grad_tokens.abs(), patches.abs()).reshape(D, C, p, p),
+                      grad_tokens.abs().sum((0, 1)), grad_out[:, :1].double().abs().sum(0, keepdim=True))
+        for name, g, w, m in zip(("weight", "bias", "cls"), got, want, magnitudes):
+            assert g.dtype == torch.float32 and g.shape == w.shape, f"{what}: {name}"
+            bad = (g.double() - w).abs() > rel * m + 1e-6
+            assert not bad.any(), f"{what}: {name} off by {(g.double() - w).abs().max().item()}"
