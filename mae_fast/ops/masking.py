@@ -51,7 +51,8 @@ if _op_available():
     def _random_masking_fake(noise, len_keep):
         torch._check(noise.dim() == 2, lambda: f"mae_fast.random_masking: noise must be (N, L), got {noise.dim()}-D")
         N, L = noise.shape
-        torch._check(0 <= len_keep <= L, lambda: f"mae_fast.random_masking: len_keep = {len_keep} must be in [0, L]")
+        torch._check(len_keep >= 0, lambda: f"mae_fast.random_masking: len_keep = {len_keep} must be >= 0")
+        torch._check(len_keep <= L, lambda: f"mae_fast.random_masking: len_keep = {len_keep} must be <= L = {L}")
         ids_keep = noise.new_empty((N, len_keep), dtype=torch.int64)
         ids_restore = noise.new_empty((N, L), dtype=torch.int64)
         mask = noise.new_empty((N, L), dtype=torch.float32)
