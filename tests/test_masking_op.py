@@ -125,6 +125,13 @@ def test_nan_inf_and_signed_zero_sort_like_torch(dtype):
 
 
 @requires_ext
+@pytest.mark.parametrize("N,L", [(0, 0), (3, 0), (0, 5)])
+def test_empty_noise(N, L):
+    noise = torch.rand(N, L)
+    assert_equal_outputs(op(noise, 0), reference.masking_indices(noise, 0))
+
+
+@requires_ext
 def test_rows_are_independent_and_ids_restore_is_a_permutation():
     noise = torch.rand(64, 196)
     ids_keep, ids_restore, mask = op(noise, 49)
