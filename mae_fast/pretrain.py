@@ -387,8 +387,10 @@ def _progress(total, initial, desc, disable):
         from tqdm import tqdm
     except ImportError:
         return None
+    # in a log file (no terminal) a bar line every 30 s, not one per update
+    interactive = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True,
-                leave=False, file=sys.stderr)
+                leave=False, file=sys.stderr, mininterval=0.1 if interactive else 30.0)
 
 
 def resolve_amp(amp: str, device: torch.device):
