@@ -23,11 +23,7 @@
 
 #include <ATen/OpMathType.h>
 
-#if defined(__CUDACC__)
-#define MAE_FAST_HD __host__ __device__ __forceinline__
-#else
-#define MAE_FAST_HD inline
-#endif
+#include "hd.h"
 
 namespace mae_fast {
 namespace unshuffle {

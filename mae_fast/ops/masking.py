@@ -14,6 +14,8 @@ equal-noise patches differently (see docs/CUDA.md). NaN sorts as the largest val
 The indices are not differentiable: noise that requires grad is detached (the reference's
 outputs do not require grad either). This module gives the op its fake (shape) implementation.
 """
+import functools
+
 import torch
 
 from .. import _ext, reference
@@ -26,23 +28,7 @@ def _op_available() -> bool:
     return _ext.LOADED and hasattr(torch.ops.mae_fast, "random_masking")
 
 
-def _probe(device: torch.device):
-    if not _ext.LOADED:
-        return False, f"mae_fast._C is not built or does not load ({_ext.LOAD_ERROR})"
-    if not _op_available():
-        return False, "mae_fast._C has no random_masking op (stale build: reinstall mae_fast)"
-    if device.type == "cpu":
-        return True, "mae_fast._C CPU kernel"
-    if device.type == "cuda":
-        if _ext.built_with_cuda():
-            return True, "mae_fast._C CUDA kernel"
-        return False, "mae_fast._C was built without CUDA (no toolkit at build time, or MAE_FAST_SKIP_CUDA_BUILD=1)"
-    if device.type == "meta":
-        return True, "mae_fast._C op, shapes only (its fake implementation)"
-    return False, f"mae_fast._C has no kernel for {device.type} tensors"
-
-
-register_fast(OP, "c++", _probe)
+register_fast(OP, "c++", functools.partial(_ext.probe, "random_masking"))
 
 
 if _op_available():
