@@ -190,3 +190,21 @@ def test_reference_masking_follows_official_definition():
     assert ids_keep.tolist() == [[1, 3]]  # the two smallest noises are kept
     assert mask.tolist() == [[1.0, 0.0, 1.0, 0.0]]
     assert ids_restore.tolist() == [[3, 0, 2, 1]]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_whole_model_compiles_fullgraph(backend):
+    model = mae_fast.MaskedAutoencoderViT(**TINY, backend=backend)
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    loss, pred, mask = model(imgs, 0.75, noise)
+    loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    c_loss, c_pred, c_mask = compiled(imgs, 0.75, noise)
+    c_loss.backward()
+    torch.testing.assert_close(c_loss, loss)
+    torch.testing.assert_close(c_pred, pred)
+    assert torch.equal(c_mask, mask)
+    for n, g in eager_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, msg=n)
