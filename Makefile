@@ -7,9 +7,10 @@ BIN := $(VENV)/bin
 # torch guesses CUDA_HOME from `which nvcc`; point it at the real toolkit when there is one
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 export CUDA_HOME
-TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export TORCH_CUDA_ARCH_LIST
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: venv test demo info bench clean
 venv: $(VENV)/.installed
@@ -35,7 +36,7 @@ info: venv
 	$(BIN)/python -m mae_fast.info
 
 bench: venv
-	$(BIN)/python -m pytest benchmarks -q
+	$(BIN)/python -m pytest benchmarks -q $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV) mae_fast/_C*.so *.egg-info

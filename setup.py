@@ -6,7 +6,7 @@
   real path) or ``FORCE_CUDA=1`` (no GPU needed to build); a ``CppExtension`` otherwise.
 * ``MAE_FAST_SKIP_CUDA_BUILD=1`` builds the CPU-only extension; ``MAE_FAST_SKIP_EXT=1`` none
   (mae_fast then runs its reference paths).
-* ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default "8.0;9.0"); ``MAX_JOBS`` caps
+* ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default "8.0;9.0+PTX": sm_80 and sm_90 machine code, plus PTX that newer GPUs JIT-compile); ``MAX_JOBS`` caps
   parallel compiles (default: by cores and memory).
 * ``kernels/`` (Triton) ships as ``mae_fast.kernels``: a top-level ``kernels`` would collide on PyPI.
 """
@@ -81,7 +81,7 @@ def _extensions():
     if want_cuda:
         if CUDA_HOME is None:
             raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit found: set CUDA_HOME")
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         # cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h includes ship with the
         # nvidia-* wheels torch depends on, not always with the toolkit
         import site
