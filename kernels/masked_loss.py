@@ -16,6 +16,7 @@ import triton.language as tl
 import torch
 
 from .patch_gather import _num_warps, _patch_blocks
+from . import on_tensor_device
 
 
 @triton.jit
@@ -192,6 +193,7 @@ def _launch_args(imgs, patch_size):
                 num_warps=_num_warps(tile[0] * tile[1] * tile[2]))
 
 
+@on_tensor_device
 def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss_dtype):
     """imgs (N, C, H, W) any strides; pred (N, L, P) any strides; mask (N, L) ->
     (loss 0-dim in loss_dtype, mask_sum 0-dim fp32)."""
@@ -212,6 +214,7 @@ def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss
     return loss, mask_sum
 
 
+@on_tensor_device
 def masked_loss_bwd(grad_loss, imgs, pred, mask, mask_sum, patch_size: int,
                     norm_pix_loss: bool, grad_imgs_wanted: bool):
     """-> (grad_pred (N, L, P) contiguous in pred's dtype, grad_imgs like imgs or None)."""

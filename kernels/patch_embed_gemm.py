@@ -19,6 +19,7 @@ reduced by one program over all rows in order (deterministic, no atomics).
 import triton
 import triton.language as tl
 import torch
+from . import on_tensor_device
 
 
 @triton.jit
@@ -85,6 +86,7 @@ def _patch_embed_gemm_kernel(
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+@on_tensor_device
 def patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
                      compute_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
     """imgs (N, C, H, W); weight (D, C, p, p); bias (D,) or None; pos_embed (1, 1+L, D);
@@ -195,6 +197,7 @@ def _patch_embed_gemm_bwd_kernel(
         tl.store(grad_cls_ptr + d, cls_acc.to(grad_cls_ptr.dtype.element_ty), mask=d_ok)
 
 
+@on_tensor_device
 def patch_embed_gemm_backward(grad_out, imgs, ids_keep, weight_shape, compute_dtype: torch.dtype,
                               weight_dtype: torch.dtype, bias_dtype: torch.dtype,
                               cls_dtype: torch.dtype):

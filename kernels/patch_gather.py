@@ -17,6 +17,7 @@ fixed order.
 import triton
 import triton.language as tl
 import torch
+from . import on_tensor_device
 
 
 @triton.jit
@@ -105,6 +106,7 @@ def _patch_copy(imgs, ids_keep, patches, patch_size: int, to_patches: bool):
     )
 
 
+@on_tensor_device
 def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """imgs (N, C, H, W) any strides; ids_keep (N, K) int -> patches (N, K, C*p*p), (c, p, q)."""
     N, C = imgs.shape[:2]
@@ -113,6 +115,7 @@ def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) 
     return patches
 
 
+@on_tensor_device
 def scatter_patches(grad_patches: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
                     grad_imgs: torch.Tensor) -> torch.Tensor:
     """The gather's backward: writes grad_patches (N, K, C*p*p) into the kept patches of
@@ -121,6 +124,7 @@ def scatter_patches(grad_patches: torch.Tensor, ids_keep: torch.Tensor, patch_si
     return grad_imgs
 
 
+@on_tensor_device
 def add_pos_cls(x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor,
                 ids_keep: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """x (N, K, D) embedded kept patches; pos_embed (1, 1+L, D); cls_token (1, 1, D);
@@ -188,6 +192,7 @@ def _add_pos_cls_bwd_kernel(
                  mask=in_dim)
 
 
+@on_tensor_device
 def add_pos_cls_backward(grad_out: torch.Tensor, x_dtype: torch.dtype, cls_dtype: torch.dtype):
     """grad_out (N, 1+K, D) any strides -> grad_x (N, K, D) contiguous in x_dtype,
     grad_cls (1, 1, D) in cls_dtype (the batch sum of row 0, fp32 accumulation, n in order)."""

@@ -220,7 +220,10 @@ def _embed_args(N=2, C=3, H=8, W=8, p=4, D=8):
     (lambda a: a.__setitem__(5, a[5] + 100), ValueError, r"ids_keep values must lie in \[0, 4\)"),
     (lambda a: a.__setitem__(5, a[5] - 100), ValueError, r"ids_keep values must lie"),
     (lambda a: a.__setitem__(5, a[5][:1]), ValueError, r"ids_keep must be \(2, K\)"),
-    (lambda a: a.__setitem__(0, a[0].double()), TypeError, "supports imgs in"),
+    (lambda a: a.__setitem__(0, a[0].double()), TypeError, "supports imgs, weight, pos_embed"),
+    # fp32 image with a float64 table: the kernels would round the table to fp32 silently
+    (lambda a: a.__setitem__(3, a[3].double()), TypeError, "supports imgs, weight, pos_embed"),
+    (lambda a: a.__setitem__(4, a[4].double()), TypeError, "supports imgs, weight, pos_embed"),
     (lambda a: a.__setitem__(0, a[0][0]), ValueError, r"imgs must be \(N, C, H, W\)"),
     (lambda a: a.__setitem__(1, a[1][:, :2]), ValueError, r"weight must be \(D, 3, p, p\)"),
     (lambda a: a.__setitem__(3, a[3][:, :3]), ValueError, r"pos_embed must be \(1, 5, 8\)"),

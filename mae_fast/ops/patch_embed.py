@@ -384,9 +384,13 @@ def patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, *, ba
     choice = choose(OP, imgs.device, backend)
     if choice.impl == "reference":
         return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
-    if not fast_dtypes_ok(imgs):
+    # the kernels compute in fp32 at most: a float64 image, weight, table or token runs the
+    # reference rather than losing precision silently
+    if not fast_dtypes_ok(imgs, weight, pos_embed, cls_token):
         if backend == "fast":
-            raise TypeError(f"backend='fast': {OP} supports imgs in {FAST_DTYPES}, got {imgs.dtype}")
+            raise TypeError(f"backend='fast': {OP} supports imgs, weight, pos_embed and cls_token in "
+                            f"{FAST_DTYPES}, got {imgs.dtype}, {weight.dtype}, {pos_embed.dtype}, "
+                            f"{cls_token.dtype}")
         return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
     p, _ = _check_inputs(imgs, weight, bias, pos_embed, cls_token, ids_keep)
     if _use_gemm_kernel():
