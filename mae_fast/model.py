@@ -150,13 +150,23 @@ class MaskedAutoencoderViT(nn.Module):
         self._check_imgs(x)
         N, L = x.shape[0], self.patch_embed.num_patches
         len_keep = self._len_keep(L, mask_ratio)
-        noise = self._noise(noise, N, L, x.device)
-        # masking indices once per step, shared by every op below
-        ids_keep, ids_restore, mask = ops.masking_indices(noise, len_keep, backend=self.backend)
-
-        # embed patches, add pos embed, keep the unmasked ones, append cls token
-        x = ops.patch_embed_masked(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
-                                   self.pos_embed, self.cls_token, ids_keep, backend=self.backend)
+        if noise is not None:
+            noise = self._noise(noise, N, L, x.device)  # checked; None: drawn where it is used
+        if self._overrides_encoder_input():
+            # a subclass's random_masking, or a replaced / hooked patch_embed: the official order
+            x = self.patch_embed(x)
+            x = x + self.pos_embed[:, 1:, :]
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise) if noise is not None \
+                else self.random_masking(x, mask_ratio)
+            cls_token = self.cls_token + self.pos_embed[:, :1, :]
+            x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        else:
+            # masking indices once per step, shared by every op below
+            noise = self._noise(noise, N, L, x.device)
+            ids_keep, ids_restore, mask = ops.masking_indices(noise, len_keep, backend=self.backend)
+            # embed patches, add pos embed, keep the unmasked ones, append cls token
+            x = ops.patch_embed_masked(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
+                                       self.pos_embed, self.cls_token, ids_keep, backend=self.backend)
 
         # apply Transformer blocks
         for blk in self.blocks:
@@ -191,6 +201,8 @@ class MaskedAutoencoderViT(nn.Module):
         pred: [N, L, p*p*C]
         mask: [N, L], 0 is keep, 1 is remove,
         """
+        if type(self).patchify is not MaskedAutoencoderViT.patchify:  # a subclass's own patchify
+            return reference.masked_loss_on_target(self.patchify(imgs), pred, mask, self.norm_pix_loss)
         return ops.masked_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss, backend=self.backend)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
@@ -208,6 +220,15 @@ class MaskedAutoencoderViT(nn.Module):
         choices = {op: choose(op, device, self.backend) for op in glue_ops}
         choices["attention"] = choose("attention", device, self.attn_backend)
         return choices
+
+    def _overrides_encoder_input(self) -> bool:
+        """True when a subclass overrides random_masking, or patch_embed is replaced or hooked:
+        then the encoder input runs the official op sequence through those, so what a fork
+        changed is what runs (the fused path would bypass them)."""
+        pe = self.patch_embed
+        return (type(self).random_masking is not MaskedAutoencoderViT.random_masking
+                or type(pe) is not PatchEmbed or bool(pe._forward_hooks or pe._forward_pre_hooks
+                                                       or pe.proj._forward_hooks or pe.proj._forward_pre_hooks))
 
     def _check_imgs(self, imgs):
         if not isinstance(imgs, torch.Tensor):

@@ -81,7 +81,11 @@ def unshuffle(x, mask_token, ids_restore, pos_embed=None):
 
 def masked_loss(imgs, pred, mask, patch_size: int, norm_pix_loss: bool):
     """imgs (N, C, H, W); pred (N, L, p*p*C); mask (N, L), 1 = removed -> scalar loss."""
-    target = patchify(imgs, patch_size)
+    return masked_loss_on_target(patchify(imgs, patch_size), pred, mask, norm_pix_loss)
+
+
+def masked_loss_on_target(target, pred, mask, norm_pix_loss: bool):
+    """target, pred (N, L, p*p*C); mask (N, L), 1 = removed -> scalar loss (official forward_loss)."""
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)

@@ -208,3 +208,43 @@ def test_whole_model_compiles_fullgraph(backend):
     assert torch.equal(c_mask, mask)
     for n, g in eager_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, msg=n)
+
+
+def test_a_subclass_that_overrides_random_masking_is_honoured():
+    class KeepFirst(mae_fast.MaskedAutoencoderViT):
+        calls = 0
+
+        def random_masking(self, x, mask_ratio):  # the official signature, no noise
+            KeepFirst.calls += 1
+            N, L, D = x.shape
+            noise = torch.arange(L, dtype=torch.float32).expand(N, L)  # keep the first patches
+            return super().random_masking(x, mask_ratio, noise)
+
+    model = KeepFirst(**TINY)
+    loss, pred, mask = model(torch.randn(2, 3, 32, 32), mask_ratio=0.75)
+    assert KeepFirst.calls == 1
+    assert mask.tolist() == [[0.0] * 4 + [1.0] * 12] * 2
+
+
+def test_hooks_on_patch_embed_and_a_custom_patchify_are_honoured():
+    model = mae_fast.MaskedAutoencoderViT(**TINY).double()
+    imgs, noise = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 16)
+    plain = model(imgs, 0.75, noise)
+    seen = []
+    handle = model.patch_embed.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    hooked = model(imgs, 0.75, noise)
+    handle.remove()
+    assert seen == [(2, 16, 32)]  # the hook saw every patch, as in the official order
+    torch.testing.assert_close(hooked[0], plain[0], rtol=1e-12, atol=0)
+    assert torch.equal(hooked[2], plain[2])
+
+    class FlippedTarget(mae_fast.MaskedAutoencoderViT):
+        def patchify(self, imgs):
+            return super().patchify(imgs.flip(-1))
+
+    flipped = FlippedTarget(**TINY).double()
+    flipped.load_state_dict(model.state_dict())
+    loss, pred, mask = flipped(imgs, 0.75, noise)
+    want = reference.masked_loss(imgs.flip(-1), pred, mask, 8, False)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    assert not torch.allclose(loss, plain[0])
