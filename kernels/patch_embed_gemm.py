@@ -23,6 +23,22 @@ from . import on_tensor_device
 
 
 @triton.jit
+def _token_rows(rows, row_ok, num_keep, ids_keep_ptr, stride_kn, stride_kk, grid_w,
+                stride_in, stride_ih, stride_iw, PATCH: tl.constexpr):
+    """Token rows n * (1+K) + t of the (N, 1+K, D) output -> sample n, slot t, whether it is a
+    kept patch (t > 0), its patch index, and the image offset of that patch's top-left pixel (forward and
+    backward GEMMs share this)."""
+    n = rows // (num_keep + 1)
+    t = rows % (num_keep + 1)
+    is_patch = row_ok & (t > 0)
+    patch_id = tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + (t - 1) * stride_kk,
+                       mask=is_patch, other=0).to(tl.int32)
+    a_base = (n.to(tl.int64) * stride_in + ((patch_id // grid_w) * PATCH) * stride_ih
+              + ((patch_id % grid_w) * PATCH) * stride_iw)  # [BLOCK_M]
+    return n, t, is_patch, patch_id, a_base
+
+
+@triton.jit
 def _patch_embed_gemm_kernel(
     imgs_ptr, ids_keep_ptr, w_ptr, bias_ptr, pos_ptr, cls_ptr, out_ptr,
     num_rows, num_keep, grid_w, dim,
@@ -37,15 +53,8 @@ def _patch_embed_gemm_kernel(
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # token rows n * (1+K) + t
     row_ok = rows < num_rows
-    n = rows // (num_keep + 1)
-    t = rows % (num_keep + 1)
-    is_patch = row_ok & (t > 0)
-    patch_id = tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + (t - 1) * stride_kk,
-                       mask=is_patch, other=0).to(tl.int32)
-    patch_row = patch_id // grid_w
-    patch_col = patch_id % grid_w
-    a_base = (n.to(tl.int64) * stride_in + (patch_row * PATCH) * stride_ih
-              + (patch_col * PATCH) * stride_iw)  # [BLOCK_M]
+    n, t, is_patch, patch_id, a_base = _token_rows(rows, row_ok, num_keep, ids_keep_ptr, stride_kn,
+                                                   stride_kk, grid_w, stride_in, stride_ih, stride_iw, PATCH)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < dim
 
@@ -163,13 +172,8 @@ def _patch_embed_gemm_bwd_kernel(
     for m0 in range(0, num_rows, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)  # token rows n * (1+K) + t
         row_ok = rows < num_rows
-        n = rows // (num_keep + 1)
-        t = rows % (num_keep + 1)
-        is_patch = row_ok & (t > 0)
-        patch_id = tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + (t - 1) * stride_kk,
-                           mask=is_patch, other=0).to(tl.int32)
-        a_base = (n.to(tl.int64) * stride_in + ((patch_id // grid_w) * PATCH) * stride_ih
-                  + ((patch_id % grid_w) * PATCH) * stride_iw)  # [BLOCK_M]
+        n, t, is_patch, _, a_base = _token_rows(rows, row_ok, num_keep, ids_keep_ptr, stride_kn,
+                                                stride_kk, grid_w, stride_in, stride_ih, stride_iw, PATCH)
         a = tl.load(imgs_ptr + a_base[:, None] + a_offs[None, :],
                     mask=is_patch[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
         g = tl.load(grad_out_ptr + (n.to(tl.int64) * stride_gn + t * stride_gt)[:, None]
