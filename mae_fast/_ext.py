@@ -23,6 +23,10 @@ def probe(op_name: str, device: torch.device):
     if device.type == "cpu":
         return True, "mae_fast._C CPU kernel"
     if device.type == "cuda":
+        from .backends import cuda_capability_ok
+        ok, why = cuda_capability_ok(device)
+        if not ok:
+            return False, why
         if built_with_cuda():
             return True, "mae_fast._C CUDA kernel"
         return False, "mae_fast._C was built without CUDA (no toolkit at build time, or MAE_FAST_SKIP_CUDA_BUILD=1)"

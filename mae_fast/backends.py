@@ -52,6 +52,20 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+MIN_CUDA_CAPABILITY = (8, 0)  # the fused kernels are compiled and checked for sm_80 and newer
+
+
+def cuda_capability_ok(device: torch.device) -> Tuple[bool, str]:
+    """Whether the current GPU is one the fused kernels are built and checked for (sm_80+).
+    Without a visible GPU the answer is about what *would* run, so it is yes."""
+    if not torch.cuda.is_available():
+        return True, ""
+    cap = torch.cuda.get_device_capability(device if device.index is not None else None)
+    if tuple(cap) < MIN_CUDA_CAPABILITY:
+        return False, f"GPU compute capability {cap[0]}.{cap[1]} is below {MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]}"
+    return True, ""
+
+
 def triton_probe(device: torch.device) -> Tuple[bool, str]:
     """Where a Triton kernel runs: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     try:
@@ -59,7 +73,8 @@ def triton_probe(device: torch.device) -> Tuple[bool, str]:
     except Exception as e:  # ImportError, or a broken install
         return False, f"triton is not importable ({type(e).__name__}: {e})"
     if device.type == "cuda":
-        return True, "CUDA tensors and triton is importable"
+        ok, why = cuda_capability_ok(device)
+        return (True, "CUDA tensors and triton is importable") if ok else (False, why)
     if device.type == "meta":  # shapes only: the op's fake impl runs (tracing, mae_fast.accounting)
         return True, "meta tensors: the fused op's fake impl runs (shapes only, no kernel)"
     if device.type == "cpu" and triton_interpreting():

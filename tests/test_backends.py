@@ -64,3 +64,19 @@ def test_model_reports_its_choices():
                                           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
     choices = model.backend_choices("cpu")
     assert set(choices) == {"random_masking", "patch_embed_masked", "unshuffle", "masked_loss", "attention"}
+
+
+def test_gpus_older_than_sm80_take_the_reference(monkeypatch):
+    # the kernels are compiled and checked for sm_80+; an older GPU must not get a kernel it cannot run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    backends.clear_cache()
+    try:
+        for op in ("patch_embed_masked", "masked_loss", "unshuffle", "random_masking"):
+            choice = backends.choose(op, "cuda", "auto")
+            assert choice.impl == "reference" and "7.5 is below 8.0" in choice.reason, choice
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        backends.clear_cache()
+        assert backends.choose("masked_loss", "cuda", "auto").impl == "triton"
+    finally:
+        backends.clear_cache()
