@@ -14,11 +14,16 @@ def built_with_cuda() -> bool:
         torch.ops.mae_fast._built_with_cuda())
 
 
+def has_op(op_name: str) -> bool:
+    """Whether the loaded ``_C`` registers ``torch.ops.mae_fast.<op_name>`` (a stale build may not)."""
+    return LOADED and hasattr(torch.ops.mae_fast, op_name)
+
+
 def probe(op_name: str, device: torch.device):
     """Where ``torch.ops.mae_fast.<op_name>`` runs: (runs, reason) for ``backends.register_fast``."""
     if not LOADED:
         return False, f"mae_fast._C is not built or does not load ({LOAD_ERROR})"
-    if not hasattr(torch.ops.mae_fast, op_name):
+    if not has_op(op_name):
         return False, f"mae_fast._C has no {op_name} op (stale build: reinstall mae_fast)"
     if device.type == "cpu":
         return True, "mae_fast._C CPU kernel"

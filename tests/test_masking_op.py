@@ -17,7 +17,7 @@ masking_module = importlib.import_module("mae_fast.ops.masking")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
-requires_ext = pytest.mark.skipif(not masking_module._op_available(),
+requires_ext = pytest.mark.skipif(not _ext.has_op("random_masking"),
                                   reason=f"mae_fast._C not built: {_ext.LOAD_ERROR}")
 
 

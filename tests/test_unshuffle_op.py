@@ -17,7 +17,7 @@ unshuffle_module = importlib.import_module("mae_fast.ops.unshuffle")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
-requires_ext = pytest.mark.skipif(not unshuffle_module._op_available(),
+requires_ext = pytest.mark.skipif(not _ext.has_op("unshuffle_scatter"),
                                   reason=f"mae_fast._C not built: {_ext.LOAD_ERROR}")
 
 

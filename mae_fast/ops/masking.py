@@ -24,14 +24,10 @@ from ..backends import choose, register_fast
 OP = "random_masking"
 
 
-def _op_available() -> bool:
-    return _ext.LOADED and hasattr(torch.ops.mae_fast, "random_masking")
-
-
 register_fast(OP, "c++", functools.partial(_ext.probe, "random_masking"))
 
 
-if _op_available():
+if _ext.has_op("random_masking"):
 
     @torch.library.register_fake("mae_fast::random_masking")
     def _random_masking_fake(noise, len_keep):

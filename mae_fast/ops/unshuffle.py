@@ -19,14 +19,10 @@ from ._checks import check_ids
 OP = "unshuffle"
 
 
-def _op_available() -> bool:
-    return _ext.LOADED and hasattr(torch.ops.mae_fast, "unshuffle_scatter")
-
-
 register_fast(OP, "c++", functools.partial(_ext.probe, "unshuffle_scatter"))
 
 
-if _op_available():
+if _ext.has_op("unshuffle_scatter"):
 
     @torch.library.register_fake("mae_fast::unshuffle_scatter")
     def _unshuffle_scatter_fake(x, mask_token, ids_restore, pos_embed=None):
