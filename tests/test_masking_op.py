@@ -3,7 +3,6 @@ official index math (``mae_fast.reference.masking_indices``): exactly equal on n
 (every dtype, odd shapes, len_keep 0 / 1 / L-1 / L, a 200-case fuzz), equal to a stable argsort on
 noise with many ties, NaN / inf / -0.0 ordered as torch sorts them, the mask in the default dtype,
 opcheck, meta shapes, torch.compile, bad input, and the model with the op."""
-import importlib
 import random
 
 import pytest
@@ -13,7 +12,6 @@ from mae_fast import _ext, backends, reference
 from mae_fast.model import MaskedAutoencoderViT
 from mae_fast.ops.masking import masking_indices
 
-masking_module = importlib.import_module("mae_fast.ops.masking")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

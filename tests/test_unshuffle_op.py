@@ -2,7 +2,6 @@
 official decoder-input sequence (``mae_fast.reference.unshuffle``): forward bit-exact in every
 dtype, gradients (grad_x exact, grad_mask_token deterministic and within rounding of float64),
 gradcheck, opcheck, a 200-case fuzz, bad input, and the whole model with the op."""
-import importlib
 import random
 
 import pytest
@@ -13,7 +12,6 @@ from mae_fast.model import MaskedAutoencoderViT
 from mae_fast.ops.unshuffle import unshuffle
 
 # the module (mae_fast.ops re-exports the function under the same name)
-unshuffle_module = importlib.import_module("mae_fast.ops.unshuffle")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
