@@ -35,3 +35,23 @@ def test_fixed_sincos_tables_equal_official():
     model = build_model(config)
     torch.testing.assert_close(model.pos_embed.double(), params["pos_embed"], rtol=0, atol=0)
     torch.testing.assert_close(model.decoder_pos_embed.double(), params["decoder_pos_embed"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", OFFICIAL_RUNS)
+def test_fast_path_reproduces_official_run_in_fp32(name):
+    """backend="fast" (Triton under TRITON_INTERPRET=1, the C++ ops) against the official float64
+    numbers, computed in fp32: errors at fp32 rounding level."""
+    run, config, params, grads = load_run(name)
+    model = build_model(config, backend="fast")
+    model.load_state_dict({k: v.float() for k, v in params.items()}, strict=True)
+    assert {c.impl for op, c in model.backend_choices("cpu").items() if op != "attention"} <= {"triton", "c++"}
+
+    loss, pred, mask = model(run["imgs"].float(), mask_ratio=config["mask_ratio"], noise=run["noise"])
+    loss.backward()
+
+    assert torch.equal(mask, run["mask"])
+    _rel_close(loss.double(), run["loss"], rel=1e-5)
+    _rel_close(pred.double(), run["pred"], rel=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            _rel_close(p.grad.double(), grads[n], rel=1e-4)
