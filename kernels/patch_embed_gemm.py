@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 import torch
 from . import on_tensor_device
+from .patch_gather import pos_cls_rows
 
 
 @triton.jit
@@ -106,10 +107,7 @@ def patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
     w2d = weight.reshape(D, -1)
     if w2d.stride(1) != 1:
         w2d = w2d.contiguous()
-    pos = pos_embed[0]
-    if pos.stride(-1) != 1:
-        pos = pos.contiguous()
-    cls = cls_token.reshape(D).contiguous()
+    pos, cls = pos_cls_rows(pos_embed, cls_token)
     out = imgs.new_empty((N, 1 + K, D), dtype=out_dtype)
     num_rows = N * (1 + K)
     if out.numel() == 0:

@@ -124,6 +124,15 @@ def scatter_patches(grad_patches: torch.Tensor, ids_keep: torch.Tensor, patch_si
     return grad_imgs
 
 
+def pos_cls_rows(pos_embed: torch.Tensor, cls_token: torch.Tensor):
+    """pos_embed (1, 1+L, D), cls_token (1, 1, D) -> the (1+L, D) table with unit column stride
+    and the (D,) cls row, as the pos/cls epilogues read them."""
+    pos = pos_embed[0]
+    if pos.stride(-1) != 1:
+        pos = pos.contiguous()
+    return pos, cls_token.reshape(-1).contiguous()
+
+
 @on_tensor_device
 def add_pos_cls(x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor,
                 ids_keep: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -132,10 +141,7 @@ def add_pos_cls(x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tenso
     N, K, D = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    pos = pos_embed[0]
-    if pos.stride(-1) != 1:
-        pos = pos.contiguous()
-    cls = cls_token.reshape(D).contiguous()
+    pos, cls = pos_cls_rows(pos_embed, cls_token)
     out = x.new_empty((N, 1 + K, D), dtype=out_dtype)
     if out.numel() == 0:
         return out

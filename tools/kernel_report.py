@@ -38,6 +38,14 @@ class Unavailable(Exception):
 
 # ---- Triton ------------------------------------------------------------------------------------
 
+def _triton_aot():
+    """tools/triton_aot.py as a module (tools/ is no package)."""
+    spec = importlib.util.spec_from_file_location("mae_fast_tools_triton_aot", TRITON_AOT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def triton_rows(archs=TRITON_ARCHS) -> List[Dict]:
     if not os.path.isfile(TRITON_AOT):
         raise Unavailable(f"{os.path.relpath(TRITON_AOT, ROOT)} is missing")
@@ -45,11 +53,8 @@ def triton_rows(archs=TRITON_ARCHS) -> List[Dict]:
         import triton  # noqa: F401
     except Exception as e:
         raise Unavailable(f"triton is not importable ({type(e).__name__}: {e})")
-    spec = importlib.util.spec_from_file_location("mae_fast_tools_triton_aot", TRITON_AOT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = []
-    for r in module.rows(tuple(archs)):
+    for r in _triton_aot().rows(tuple(archs)):
         out.append(dict(source="triton", kernel=r["kernel"], config=r.get("config", ""), arch=r["arch"],
                         registers=r["registers"], spills=r["spills"], shared=r["shared"],
                         local=None, ld128=r["ld128"], st128=r["st128"]))
@@ -199,13 +204,7 @@ def table(rows: List[Dict]) -> str:
 
 
 def write_doc(text: str) -> None:
-    block = f"{BEGIN}\n{text}\n{END}"
-    doc = open(DOC).read() if os.path.exists(DOC) else f"# Performance\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in doc:
-        doc += f"\n{BEGIN}\n{END}\n"
-    start, end = doc.index(BEGIN), doc.index(END) + len(END)
-    with open(DOC, "w") as f:
-        f.write(doc[:start] + block + doc[end:])
+    _triton_aot().replace_doc_block(DOC, BEGIN, END, text, "Performance")
 
 
 def main(argv=None) -> int:

@@ -266,15 +266,20 @@ def _versions() -> str:
             f"python {platform.python_version()}")
 
 
+def replace_doc_block(path: str, begin: str, end: str, body: str, title: str) -> None:
+    """Write ``body`` between the ``begin`` / ``end`` markers of the markdown file ``path``
+    (appending the markers, or creating the file under ``title``, when missing)."""
+    text = open(path).read() if os.path.exists(path) else f"# {title}\n\n{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    start, stop = text.index(begin), text.index(end) + len(end)
+    with open(path, "w") as f:
+        f.write(text[:start] + f"{begin}\n{body}\n{end}" + text[stop:])
+
+
 def write_doc(result) -> None:
-    block = (f"{BEGIN}\nCommand: `.venv/bin/python tools/triton_aot.py --write-doc` on a 2-core CPU "
-             f"container, no GPU ({_versions()}).\n\n{table(result)}\n{END}")
-    text = open(DOC).read() if os.path.exists(DOC) else f"# Triton kernels\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    start, end = text.index(BEGIN), text.index(END) + len(END)
-    with open(DOC, "w") as f:
-        f.write(text[:start] + block + text[end:])
+    replace_doc_block(DOC, BEGIN, END, f"Command: `.venv/bin/python tools/triton_aot.py --write-doc` on a "
+                      f"2-core CPU container, no GPU ({_versions()}).\n\n{table(result)}", "Triton kernels")
 
 
 def main(argv=None):
