@@ -1,105 +1,59 @@
-"""Build of mae_fast and its C++/CUDA extension ``mae_fast._C``.
+"""Build of mae_fast and, when torch is importable, its C++/CUDA extension ``mae_fast._C``.
 
-* ``pip install --no-build-isolation .`` builds ``_C`` against the torch already installed
-  (build isolation would fetch another torch: installing mae_fast never installs or replaces torch).
-* A ``CUDAExtension`` when a CUDA toolkit is found (``CUDA_HOME``, ``/usr/local/cuda``, or nvcc's
-  real path) or ``FORCE_CUDA=1`` (no GPU needed to build); a ``CppExtension`` otherwise.
-* ``MAE_FAST_SKIP_CUDA_BUILD=1`` builds the CPU-only extension; ``MAE_FAST_SKIP_EXT=1`` none
-  (mae_fast then runs its reference paths).
-* ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default "8.0;9.0+PTX": sm_80 and sm_90 machine code, plus PTX that newer GPUs JIT-compile); ``MAX_JOBS`` caps
-  parallel compiles (default: by cores and memory).
+* ``pip install .`` (build isolation: no torch in the build environment) installs mae_fast as
+  pure Python, with the C++/CUDA sources inside the package (``mae_fast/csrc``): ``_C`` is then
+  built on first use (``import mae_fast``) into a cache, or by ``python -m mae_fast.build``
+  (see mae_fast/build.py, docs/INSTALL.md). No torch is downloaded for the build.
+* ``pip install --no-build-isolation .`` builds ``_C`` now, against the torch already installed
+  (what ``make venv`` and CI do). Installing mae_fast never installs or replaces a torch >= the floor.
+* What is built, with which flags, and why (CUDA or CPU-only, C++ standard, ROCm, toolkit
+  checks): ``mae_fast/_build_spec.py``, the one list both builders read. Switches:
+  ``MAE_FAST_SKIP_EXT=1`` (no extension), ``MAE_FAST_SKIP_CUDA_BUILD=1`` (CPU-only extension),
+  ``FORCE_CUDA=1`` (CUDA kernels or an error), ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0+PTX":
+  sm_80 and sm_90 machine code, plus PTX that newer GPUs JIT-compile), ``MAX_JOBS``.
 * ``kernels/`` (Triton) ships as ``mae_fast.kernels``: a top-level ``kernels`` would collide on PyPI.
 """
-import glob
+import importlib.util
 import os
-import shutil
 import sys
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH_FLOOR = "2.11"  # the oldest torch CI runs the suite on (with triton 3.6): `make test-compat`
+TRITON_FLOOR = "3.6"
 
 
-def _flag(name):
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
-
-
-def _find_cuda_home():
-    """torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script
-    (e.g. /usr/local/bin/nvcc exec'ing the real one). Prefer CUDA_HOME, then /usr/local/cuda,
-    then the directory of nvcc's real binary."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        try:  # a wrapper script that exec's the real nvcc
-            with open(real, "rb") as f:
-                head = f.read(4096)
-            if head.startswith(b"#!"):
-                for tok in head.decode(errors="ignore").split():
-                    if tok.endswith("/bin/nvcc") and os.path.exists(tok):
-                        real = tok
-                        break
-        except OSError:
-            pass
-        return os.path.dirname(os.path.dirname(real))
-    return None
-
-
-def _max_jobs():
-    if os.environ.get("MAX_JOBS"):
-        return
-    try:  # nvcc wants ~3 GiB a job
-        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(mem_gib // 3))))
-    except (ValueError, OSError, AttributeError):
-        os.environ["MAX_JOBS"] = "1"
+def _load_build_spec():
+    # by path: `import mae_fast._build_spec` would run mae_fast/__init__.py, which imports torch
+    spec = importlib.util.spec_from_file_location(
+        "_mae_fast_build_spec", os.path.join(HERE, "mae_fast", "_build_spec.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
-    if _flag("MAE_FAST_SKIP_EXT"):
+    build_spec = _load_build_spec()
+    if build_spec.flag("MAE_FAST_SKIP_EXT"):
         print("mae_fast: MAE_FAST_SKIP_EXT=1, not building mae_fast._C", file=sys.stderr)
         return [], {}
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    if not cpp_sources:
+    try:
+        import torch
+    except ImportError:
+        print("mae_fast: torch is not importable in this build environment (pip's build isolation): "
+              "installing pure Python. mae_fast._C is built on first use (import mae_fast) or by "
+              "`python -m mae_fast.build`; `pip install --no-build-isolation .` builds it now.",
+              file=sys.stderr)
         return [], {}
-    cuda_home = _find_cuda_home()
-    if cuda_home:
-        os.environ.setdefault("CUDA_HOME", cuda_home)
-    # imported after CUDA_HOME is set: torch reads it at import time
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    import torch
-
-    cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    want_cuda = not _flag("MAE_FAST_SKIP_CUDA_BUILD") and bool(cu_sources) and (
-        _flag("FORCE_CUDA") or CUDA_HOME is not None)
-    include_dirs = [os.path.join(HERE, "csrc")]
-    cxx = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
-    if want_cuda:
-        if CUDA_HOME is None:
-            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit found: set CUDA_HOME")
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        # cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h includes ship with the
-        # nvidia-* wheels torch depends on, not always with the toolkit
-        import site
-        for sp in site.getsitepackages() + [site.getusersitepackages()]:
-            include_dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")))
-        _max_jobs()
-        print(f"mae_fast: building mae_fast._C with CUDA (CUDA_HOME={CUDA_HOME}, "
-              f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}, torch {torch.__version__})", file=sys.stderr)
-        ext = CUDAExtension(
-            "mae_fast._C", cpp_sources + cu_sources, include_dirs=include_dirs,
-            define_macros=[("MAE_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
-            py_limited_api=False)
-    else:
-        print("mae_fast: building mae_fast._C for CPU only", file=sys.stderr)
-        ext = CppExtension("mae_fast._C", cpp_sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx})
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    plan = build_spec.plan(torch)
+    print(f"mae_fast: building mae_fast._C against torch {torch.__version__}: {plan.describe()}",
+          file=sys.stderr)
+    if plan.kind == "none":
+        return [], {}
+    # relative source paths: setuptools wants them so (sdist, build dirs)
+    return [build_spec.extension(plan, "csrc")], build_spec.build_ext_cmdclass()
 
 
 ext_modules, cmdclass = _extensions()
@@ -111,11 +65,13 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["mae_fast", "mae_fast.ops", "mae_fast.kernels"],
-    package_dir={"mae_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy"],
+    packages=["mae_fast", "mae_fast.ops", "mae_fast.kernels", "mae_fast.csrc"],
+    # the C++/CUDA sources ship inside the package: a first-use (JIT) build compiles them there
+    package_dir={"mae_fast.kernels": "kernels", "mae_fast.csrc": "csrc"},
+    package_data={"mae_fast.csrc": ["*.h", "*.cpp", "cuda/*.cu", "cuda/*.h"]},
+    install_requires=[f"torch>={TORCH_FLOOR}", "numpy"],
     extras_require={
-        "triton": ["triton"],
+        "triton": [f"triton>={TRITON_FLOOR}"],
         "xformers": ["xformers"],
         "demo": ["scikit-image", "scikit-learn", "tqdm", "pillow"],
         "test": ["pytest", "pytest-benchmark", "expecttest", "scikit-image", "scikit-learn", "tqdm", "pillow"],

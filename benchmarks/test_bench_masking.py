@@ -8,15 +8,12 @@ its two argsorts alone. CPU; the CUDA cases skip without a GPU.
 
 Results and the machine they came from: docs/CUDA.md.
 """
-import importlib
-
 import pytest
 import torch
 
-from mae_fast import reference
+from mae_fast import _ext, reference
 from mae_fast.ops.masking import masking_indices
 
-masking_module = importlib.import_module("mae_fast.ops.masking")
 L, LEN_KEEP = 196, 49
 IMPLS = ["reference", "argsort x2", "c++"]
 
@@ -37,8 +34,8 @@ FUNCTIONS = {
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("N", [64, 256])
 def test_masking_indices(benchmark, N, impl, device_type):
-    if impl == "c++" and not masking_module._op_available():
-        pytest.skip("mae_fast._C is not built")
+    if impl == "c++" and not _ext.has_op("random_masking"):
+        pytest.skip(f"mae_fast._C has no random_masking op: {_ext.how_obtained()}")
     if device_type == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device here: GPU timings are not measured")
     benchmark.group = f"masking indices N={N} L={L} len_keep={LEN_KEEP} fp32 {device_type}"

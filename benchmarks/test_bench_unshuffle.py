@@ -7,22 +7,20 @@ the C++ op ``torch.ops.mae_fast.unshuffle_scatter`` against the official sequenc
 
 Results and the machine they came from: docs/CUDA.md.
 """
-import importlib
-
 import pytest
 import torch
 
+from mae_fast import _ext
 from mae_fast.ops.unshuffle import unshuffle
 
-unshuffle_module = importlib.import_module("mae_fast.ops.unshuffle")
 N, L, K, D = 64, 196, 49, 512
 IMPLS = ["reference", "c++"]
 BACKEND = {"reference": "reference", "c++": "fast"}
 
 
 def _skip_without_ext(impl):
-    if impl == "c++" and not unshuffle_module._op_available():
-        pytest.skip("mae_fast._C is not built")
+    if impl == "c++" and not _ext.has_op("unshuffle_scatter"):
+        pytest.skip(f"mae_fast._C has no unshuffle_scatter op: {_ext.how_obtained()}")
 
 
 @pytest.fixture

@@ -1,12 +1,40 @@
-"""Loads the compiled extension ``mae_fast._C`` if it was built; mae_fast works without it."""
+"""Loads the compiled extension ``mae_fast._C``; mae_fast works without it.
+
+In this order: the prebuilt one (``pip install --no-build-isolation .``, ``make venv``); else one
+built on first use into the cache (``mae_fast._jit``: a plain ``pip install .`` installs no
+``_C``); else none, with ONE warning, and the ``_C`` ops run the reference.
+"""
+import warnings
+
 import torch
 
-LOAD_ERROR = None
+from . import _jit
+
+LOAD_ERROR = None  # why _C is missing, when it is
+SOURCE = None  # how _C was obtained: "prebuilt", "jit" (built on first use or by mae_fast.build), None
+PATH = None  # the loaded library
 try:
     from . import _C  # noqa: F401  (registers torch.ops.mae_fast.*)
-    LOADED = True
-except ImportError as e:  # not built, or built against another torch
-    LOADED, LOAD_ERROR = False, f"{type(e).__name__}: {e}"
+    LOADED, SOURCE, PATH = True, "prebuilt", _C.__file__
+except ImportError as e:
+    _why = ("no prebuilt mae_fast._C" if isinstance(e, ModuleNotFoundError) and e.name == "mae_fast._C"
+            else f"the prebuilt mae_fast._C does not load ({type(e).__name__}: {e})")  # another torch's
+    LOADED, PATH, LOAD_ERROR = _jit.load_or_build(_why)
+    SOURCE = "jit" if LOADED else None
+    if not LOADED:
+        warnings.warn(f"mae_fast._C is missing ({LOAD_ERROR}). mae_fast works: random_masking and unshuffle run "
+                      "the reference (slower). `python -m mae_fast.build` builds it and shows why it failed; "
+                      "`python -m mae_fast.info` says what runs.", RuntimeWarning, stacklevel=2)
+
+
+def how_obtained() -> str:
+    """One line for ``python -m mae_fast.info``: how _C was obtained, and what to run if it was not."""
+    if SOURCE == "prebuilt":
+        return f"prebuilt at install time ({PATH})"
+    if SOURCE == "jit":
+        return f"built on first use / by `python -m mae_fast.build`, cached at {PATH}"
+    return (f"missing ({LOAD_ERROR}); the _C ops run the reference. To build it for this torch: "
+            "`python -m mae_fast.build` (or reinstall with `pip install --no-build-isolation .`)")
 
 
 def built_with_cuda() -> bool:

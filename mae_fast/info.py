@@ -26,8 +26,8 @@ def report(backend: str = "auto") -> str:
              + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
              f"triton {_version('triton')}",
              f"xformers {_version('xformers')}",
-             f"mae_fast._C: {'loaded' if _ext.LOADED else 'not loaded: ' + str(_ext.LOAD_ERROR)}"
-             + (f", CUDA kernels {'compiled in' if _ext.built_with_cuda() else 'not compiled in'}"
+             f"mae_fast._C: {_ext.how_obtained()}"
+             + (f"; CUDA kernels {'compiled in' if _ext.built_with_cuda() else 'not compiled in'}"
                 if _ext.LOADED else ""),
              "",
              f"backend={backend!r}: which implementation runs each op, and why"]
