@@ -18,6 +18,7 @@ BENCH_ARGS ?=
 BENCH_SMOKE_ARGS ?= --benchmark-disable --bench-size=tiny --bench-batch=2 --bench-op-batch=2 --bench-rounds=1
 COMPAT_VENV ?= .venv-compat
 COMPAT_BIN := $(COMPAT_VENV)/bin
+COMPAT_ENV = MAE_FAST_CACHE_DIR=$(abspath $(COMPAT_VENV))/jit-cache MAE_FAST_SKIP_CUDA_BUILD=1
 BUILD_INPUTS := setup.py mae_fast/_build_spec.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
 .PHONY: venv test bench-smoke test-compat sdist demo info bench clean
@@ -59,15 +60,13 @@ test-compat: sdist
 	$(COMPAT_BIN)/python -m pip uninstall -q -y mae_fast 2>/dev/null || true
 	$(COMPAT_BIN)/python -m pip install -q dist/mae_fast-*.tar.gz
 	rm -rf $(COMPAT_VENV)/jit-cache
-	cd tests && MAE_FAST_CACHE_DIR=$(abspath $(COMPAT_VENV))/jit-cache MAE_FAST_SKIP_CUDA_BUILD=1 \
-	  ../$(COMPAT_BIN)/python -c "import mae_fast, torch; \
+	cd tests && $(COMPAT_ENV) ../$(COMPAT_BIN)/python -c "import mae_fast, torch; \
 	  m = mae_fast.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, \
 	      decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2); \
-	  loss, pred, mask = m(torch.randn(2, 3, 32, 32)); assert torch.isfinite(loss), loss; \
-	  from mae_fast import _ext; assert _ext.SOURCE == 'jit', _ext.how_obtained(); print('plain install + first-use build: ok, loss', float(loss))" \
-	  && ../$(COMPAT_BIN)/python -m mae_fast.info
-	cd tests && MAE_FAST_CACHE_DIR=$(abspath $(COMPAT_VENV))/jit-cache MAE_FAST_SKIP_CUDA_BUILD=1 \
-	  MAE_FAST_TEST_JIT_BUILD=1 ../$(COMPAT_BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) .
+	  loss, pred, mask = m(torch.randn(2, 3, 32, 32)); assert torch.isfinite(loss).item(), loss; \
+	  from mae_fast import _ext; assert _ext.SOURCE == 'jit', _ext.how_obtained(); print('plain install + first-use build: ok, loss', loss.item())" \
+	  && $(COMPAT_ENV) ../$(COMPAT_BIN)/python -m mae_fast.info
+	cd tests && $(COMPAT_ENV) MAE_FAST_TEST_JIT_BUILD=1 ../$(COMPAT_BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) .
 
 demo: venv
 	$(BIN)/mae-fast pretrain --output-dir runs/demo
