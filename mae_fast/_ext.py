@@ -4,6 +4,7 @@ In this order: the prebuilt one (``pip install --no-build-isolation .``, ``make 
 built on first use into the cache (``mae_fast._jit``: a plain ``pip install .`` installs no
 ``_C``); else none, with ONE warning, and the ``_C`` ops run the reference.
 """
+import importlib
 import warnings
 
 import torch
@@ -13,8 +14,8 @@ from . import _jit
 LOAD_ERROR = None  # why _C is missing, when it is
 SOURCE = None  # how _C was obtained: "prebuilt", "jit" (built on first use or by mae_fast.build), None
 PATH = None  # the loaded library
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.mae_fast.*)
+try:  # import_module: a missing _C raises ModuleNotFoundError naming it (`from . import` would not)
+    _C = importlib.import_module("._C", __package__)  # registers torch.ops.mae_fast.*
     LOADED, SOURCE, PATH = True, "prebuilt", _C.__file__
 except ImportError as e:
     _why = ("no prebuilt mae_fast._C" if isinstance(e, ModuleNotFoundError) and e.name == "mae_fast._C"

@@ -164,7 +164,7 @@ def build(torch=None, *, force: bool = False, verbose: bool = False) -> str:
             if rc != 0 or not os.path.isfile(library_path(built)):
                 with open(failed, "w") as f:
                     f.write(f"exit status {rc}; log: {log}\n")
-                raise BuildError(f"building mae_fast._C failed (exit status {rc}; log: {log}):\n{_tail(log)}")
+                raise BuildError(f"building mae_fast._C failed (exit status {rc}; log: {log})\n{_tail(log)}")
             if os.path.isdir(entry):
                 shutil.rmtree(entry)
             os.rename(built, entry)  # the library appears whole or not at all
@@ -202,4 +202,5 @@ def load_or_build(why_no_prebuilt: str) -> Tuple[bool, Optional[str], Optional[s
         load_library(library)
         return True, library, None
     except Exception as e:  # noqa: BLE001 - never break `import mae_fast` over the optional extension
-        return False, None, f"{why_no_prebuilt}; first-use build: {type(e).__name__}: {e}"
+        first_line = (str(e).splitlines() or [""])[0]  # the log holds the rest
+        return False, None, f"{why_no_prebuilt}; first-use build: {type(e).__name__}: {first_line}"

@@ -28,8 +28,8 @@ def main(argv=None) -> int:
         return 0
     try:
         library = _jit.build(force=True, verbose=True)
-    except _jit.BuildError as e:
-        print(f"mae_fast: {e}", file=sys.stderr)
+    except _jit.BuildError as e:  # the compiler's output is on screen above: the first line says the rest
+        print(f"mae_fast: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     print(f"mae_fast._C is built: {library}" + ("" if _ext.LOADED else " (the next `import mae_fast` loads it)"))
     return 0

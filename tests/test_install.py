@@ -167,6 +167,7 @@ CHILD = textwrap.dedent("""
         from mae_fast import _ext, reference, ops
     print("SOURCE", _ext.SOURCE, _ext.PATH)
     print("WARNINGS", len([w for w in caught if "mae_fast._C is missing" in str(w.message)]))
+    print("HOW", _ext.how_obtained())
     assert _ext.PATH is None or _ext.PATH.startswith({cache!r}), _ext.PATH
     noise = torch.rand(3, 11, generator=torch.Generator().manual_seed(0))
     got = ops.masking_indices(noise, 4)  # backend="auto": the C++ op when _C loaded
@@ -222,7 +223,15 @@ def test_first_use_build_failure_degrades_to_reference_with_one_warning(tmp_path
     # MAE_FAST_JIT=0: no build at all, one warning, the reference runs
     ((out, err),) = _run_children(layout, tmp_path / "empty-cache", MAE_FAST_JIT="0")
     assert "building" not in err and _field(out, "WARNINGS") == "1" and _field(out, "CHOICE") == "reference"
+    assert _field(out, "HOW").startswith("missing (no prebuilt mae_fast._C; first-use build disabled"), out
+    assert "python -m mae_fast.build" in _field(out, "HOW")
     assert not (tmp_path / "empty-cache").exists()
+    # the explicit command retries a remembered failure, shows the compiler's output, exits 1
+    build = subprocess.run([sys.executable, "-S", "-m", "mae_fast.build"], cwd=str(layout), capture_output=True,
+                           text=True, env=_child_env(layout, cache, CXX="false", CC="false", MAE_FAST_JIT="0"))
+    assert build.returncode == 1, (build.stdout, build.stderr)
+    assert "mae_fast: building mae_fast._C failed (exit status" in build.stderr.splitlines()[-1], build.stderr
+    assert "building mae_fast._C for torch" in build.stderr  # it did try again
 
 
 @pytest.mark.skipif(os.environ.get("MAE_FAST_TEST_JIT_BUILD", "0") != "1",
