@@ -3,7 +3,7 @@
 * ``pip install .`` (build isolation: no torch in the build environment) installs mae_fast as
   pure Python, with the C++/CUDA sources inside the package (``mae_fast/csrc``): ``_C`` is then
   built on first use (``import mae_fast``) into a cache, or by ``python -m mae_fast.build``
-  (see mae_fast/build.py, docs/INSTALL.md). No torch is downloaded for the build.
+  (see mae_fast/_jit.py, docs/INSTALL.md). No torch is downloaded for the build.
 * ``pip install --no-build-isolation .`` builds ``_C`` now, against the torch already installed
   (what ``make venv`` and CI do). Installing mae_fast never installs or replaces a torch >= the floor.
 * What is built, with which flags, and why (CUDA or CPU-only, C++ standard, ROCm, toolkit
