@@ -145,10 +145,12 @@ def model_from_state_dict(sd: dict, args: Optional[dict] = None, *, source: str 
     if depth == 0 or "blocks.0.mlp.fc1.weight" not in sd:
         raise ValueError(f"{source} is not an MAE state_dict: no 'blocks.0.mlp.fc1.weight'")
     factory = _named_factory(args.get("model"))
-    if factory is not None and not arch:
+    if factory is not None and "num_heads" not in arch:
         with torch.device("meta"):  # no memory, no init cost: only heads and eps are read off it
             ref = factory(img_size=p * 2)
-        arch = {k: v for k, v in architecture(ref).items() if k in ("num_heads", "decoder_num_heads", "layer_norm_eps")}
+        for k, v in architecture(ref).items():
+            if k in ("num_heads", "decoder_num_heads", "layer_norm_eps"):
+                arch.setdefault(k, v)
     arch.update(patch_size=p, in_chans=C, embed_dim=D, depth=depth,
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D)
     if encoder_only:
@@ -177,8 +179,9 @@ def model_from_state_dict(sd: dict, args: Optional[dict] = None, *, source: str 
             elif width in table:
                 arch[key] = table[width]
             else:
-                raise ValueError(f"{source}: the number of {key.replace('_', ' ')} of a {width}-wide "
-                                 f"transformer is not in the weights and not an official size: pass {key}=")
+                raise ValueError(f"{source}: the number of heads of a {width}-wide transformer is not in "
+                                 f"the weights, and that width is no official size: pass {key}= (CLI: "
+                                 f"--{key.replace('_', '-')})")
     if layer_norm_eps is not None or "layer_norm_eps" not in arch:
         arch["layer_norm_eps"] = 1e-6 if layer_norm_eps is None else layer_norm_eps
     if norm_pix_loss is not None or "norm_pix_loss" not in arch:

@@ -285,7 +285,7 @@ def test_bad_state_dicts_name_file_and_key(tmp_path):
     odd = mae_fast.MaskedAutoencoderViT(**{**ARCH, "embed_dim": 40, "num_heads": 5})
     path = tmp_path / "odd.pth"
     torch.save({"model": odd.state_dict()}, path)
-    with pytest.raises(ValueError, match=r"odd.pth.*heads of a 40-wide.*num_heads="):
+    with pytest.raises(ValueError, match=r"odd.pth.*heads of a 40-wide.*pass num_heads="):
         convert.load_mae(path)
     sd = odd.state_dict()
     sd["blocks.1.mlp.fc2.weight"] = torch.zeros(40, 7)
