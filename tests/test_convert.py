@@ -297,3 +297,11 @@ def test_bad_state_dicts_name_file_and_key(tmp_path):
     with pytest.raises(ValueError, match="cut.pth"):
         convert.convert(cut, tmp_path / "out.safetensors", to="safetensors")
     assert sorted(os.listdir(tmp_path)) == ["cut.pth", "odd.pth", "resnet.pth"]  # nothing written
+
+
+def test_optional_packages_are_not_imported_by_mae_fast():
+    import subprocess
+    code = ("import sys, mae_fast, mae_fast.convert, mae_fast.checkpoint; "
+            "print([m for m in ('transformers', 'timm', 'safetensors', 'torchvision') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
