@@ -79,15 +79,17 @@ def read_checkpoint(path) -> dict:
     return obj
 
 
+def _open(path_or_obj, reader):
+    """(the name errors use, the object): a path is read with ``reader``, a dict taken as is."""
+    if isinstance(path_or_obj, (str, os.PathLike)):
+        return repr(os.fspath(path_or_obj)), reader(path_or_obj)
+    return "the checkpoint", path_or_obj
+
+
 def read_state_dict(path_or_state_dict):
     """A state_dict from a path (never unpickling arbitrary objects; ``.pth`` or
     ``.safetensors``) or from a dict; accepts the official ``{"model": sd}`` wrapper."""
-    where = "the checkpoint"
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        where = repr(os.fspath(path_or_state_dict))
-        obj = read_checkpoint(path_or_state_dict)
-    else:
-        obj = path_or_state_dict
+    where, obj = _open(path_or_state_dict, read_checkpoint)
     if not isinstance(obj, dict):
         raise TypeError(f"a checkpoint must be a dict, got {type(obj).__name__}")
     sd = obj.get("model", obj)
@@ -240,12 +242,7 @@ def resume_training(path_or_ckpt, model, optimizer, scaler=None) -> ResumeReport
     to start at, the checkpoint's args (dict) and notes to print (what was mapped).
 
     ``path_or_ckpt`` is a path or a dict from ``load_training_checkpoint``."""
-    source = "the checkpoint"
-    if isinstance(path_or_ckpt, (str, os.PathLike)):
-        source = repr(os.fspath(path_or_ckpt))
-        ckpt = load_training_checkpoint(path_or_ckpt)
-    else:
-        ckpt = path_or_ckpt
+    source, ckpt = _open(path_or_ckpt, load_training_checkpoint)
     own = model.state_dict()
     for k, v in ckpt["model"].items():
         if k in own and v.shape != own[k].shape:

@@ -582,7 +582,6 @@ __all__ = ["ConversionReport", "architecture", "build_model", "model_from_state_
 # ---------------------------------------------------------------------------------------------
 # mae-fast convert
 def main(argv=None) -> int:
-    import argparse
     import sys
     p = argparse.ArgumentParser(
         prog="mae-fast convert",
