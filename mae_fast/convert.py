@@ -153,8 +153,9 @@ def model_from_state_dict(sd: dict, args: Optional[dict] = None, *, source: str 
                 arch.setdefault(k, v)
     arch.update(patch_size=p, in_chans=C, embed_dim=D, depth=depth,
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D)
-    if encoder_only:
-        arch.update(decoder_embed_dim=arch.get("decoder_embed_dim", 512), decoder_depth=0)
+    if encoder_only:  # the official decoder (512 wide, 8 blocks, 16 heads) at init, unless args say
+        arch.setdefault("decoder_embed_dim", 512)
+        arch.setdefault("decoder_depth", 8)
     else:
         arch.update(decoder_embed_dim=sd["decoder_embed.weight"].shape[0], decoder_depth=_count_blocks(sd, "decoder_blocks"))
     if img_size is None and "img_size" not in arch:
@@ -194,7 +195,7 @@ def model_from_state_dict(sd: dict, args: Optional[dict] = None, *, source: str 
 
 def load_mae(path, *, kind: Optional[str] = None, **overrides):
     """(model, report) from a mae_fast / official ``.pth`` (training or weights), a ``.safetensors``
-    file, a timm encoder state_dict (``kind="timm"``: decoder left at init, reported) or an HF
+    file, a timm encoder state_dict (``kind="timm"``: the official decoder at init, reported) or an HF
     directory (``kind="hf"``). ``kind`` is guessed from ``path`` when None."""
     path = os.fspath(path)
     kind = kind or guess_kind(path)
@@ -615,11 +616,8 @@ def main(argv=None) -> int:
         if kind == "hf" and overrides:
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in overrides)}: not used with an "
                              "HF source (its config.json says everything)")
-        try:
-            import transformers  # noqa: F401  (progress bars would interleave with the report)
-            transformers.utils.logging.disable_progress_bar()
-        except ImportError:
-            pass
+        if args.to == "hf":  # save_pretrained's progress bars would interleave with the report
+            optional_import("transformers", "transformers", "--to hf").utils.logging.disable_progress_bar()
         report = convert(args.src, args.dst, to=args.to, kind=kind, mask_ratio=args.mask_ratio,
                          overwrite=args.overwrite, **overrides)
     except (ValueError, TypeError, OSError, ImportError) as e:
