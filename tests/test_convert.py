@@ -305,3 +305,23 @@ def test_optional_packages_are_not_imported_by_mae_fast():
             "print([m for m in ('transformers', 'timm', 'safetensors', 'torchvision') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_square_one_channel_pth_safetensors_round_trip(tmp_path, dtype):
+    """Non-square images and 1 channel (HF cannot hold them; .pth and safetensors can): the
+    architecture travels in the metadata, the weights bit for bit, the outputs equal."""
+    ours = mae_model(1, dtype, img_size=(16, 24), num_heads=8)
+    src = tmp_path / "a.pth"
+    checkpoint.save_state_dict(src, ours.state_dict(), metadata=convert.architecture(ours))
+    convert.convert(src, tmp_path / "b.safetensors", to="safetensors")
+    convert.convert(tmp_path / "b.safetensors", tmp_path / "c.pth", to="official")
+    back, _ = convert.load_mae(tmp_path / "c.pth")
+    assert convert.architecture(back) == convert.architecture(ours)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v) and back.state_dict()[k].dtype == dtype, k
+    back.eval()  # backend "auto" (the fused CPU ops where they run): equal within rounding
+    imgs, noise = inputs(ours, dtype, img=(16, 24))
+    with torch.no_grad():
+        for a, b in zip(ours(imgs, 0.75, noise), back(imgs, 0.75, noise)):
+            torch.testing.assert_close(b, a, **TOL[dtype])
