@@ -1,9 +1,9 @@
 """mae_fast: a GPU-kernel-optimized, drop-in Masked Autoencoder (facebookresearch/mae)."""
 __version__ = "0.1.0"
 
-from . import reference
+from . import checkpoint, convert, reference
 from .backends import choose
-from .checkpoint import load_official_checkpoint
+from .checkpoint import load_official_checkpoint, load_training_checkpoint, resume_training
 from .model import (
     MaskedAutoencoderViT,
     mae_vit_base_patch16,
@@ -17,5 +17,6 @@ from .model import (
 __all__ = [
     "MaskedAutoencoderViT", "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14",
     "mae_vit_base_patch16_dec512d8b", "mae_vit_large_patch16_dec512d8b", "mae_vit_huge_patch14_dec512d8b",
-    "load_official_checkpoint", "reference", "choose",
+    "load_official_checkpoint", "load_training_checkpoint", "resume_training", "checkpoint", "convert",
+    "reference", "choose",
 ]

@@ -251,8 +251,8 @@ def test_weight_decay_groups():
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
-    assert {"cls_token", "mask_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias"} <= no_decay_names
-    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decay_names
+    assert {"norm.weight", "norm.bias", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert {"cls_token", "mask_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decay_names
     assert all(model.get_parameter(n).ndim >= 2 for n in decay_names)
     assert "pos_embed" not in no_decay_names | decay_names  # frozen
     assert len(no_decay_names | decay_names) == sum(p.requires_grad for p in model.parameters())
