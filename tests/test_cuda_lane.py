@@ -1,0 +1,35 @@
+"""The lane machinery itself, and the views real launches pass that the kernel tests' own inputs
+do not: the model's ``pred = x[:, 1:, :]``, which starts one row into the decoder's output. At
+patch 14 in bf16/fp16 a row is 588 values = 1176 bytes, so the slice is 8-byte aligned, not 16
+(Triton specialises on 16-byte alignment: another compiled variant). Both lanes (device fixture)."""
+import pytest
+import torch
+
+from _lane import LANE
+from test_triton_loss import DTYPES, _assert_matches_reference
+from mae_fast import reference
+
+
+def test_device_fixture_sets_the_default_device_and_tf32(device):
+    assert torch.randn(1).device.type == device.type
+    if device.type == "cuda":
+        assert LANE == "cuda"
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    else:
+        assert LANE == "cpu"
+
+
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_loss_on_the_models_pred_slice(dtype, norm_pix, device):
+    p, hw, N, C = 14, (28, 28), 2, 3  # ViT-H/14's patch; the aligned patch-16 slice: test_triton_loss
+    L, P = (hw[0] // p) * (hw[1] // p), C * p * p
+    decoder_out = torch.randn(N, 1 + L, P).to(dtype)  # (N, 1+L, p*p*C): cls row first
+    pred = decoder_out[:, 1:, :].requires_grad_()  # (N, L, p*p*C), the model's slice
+    row_bytes = P * decoder_out.element_size()
+    assert (pred.data_ptr() - decoder_out.data_ptr()) == row_bytes
+    if dtype != torch.float32:
+        assert pred.data_ptr() % 16 == 8, "the case this test is for: an 8-byte aligned pred"
+    imgs = torch.randn(N, C, *hw).to(dtype).requires_grad_()
+    mask = reference.masking_indices(torch.rand(N, L), reference.num_keep(L, 0.5))[2]
+    _assert_matches_reference(imgs, pred, mask, p, norm_pix)
