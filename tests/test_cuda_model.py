@@ -92,26 +92,28 @@ def test_fast_within_twice_the_reference_error_under_autocast(patch_size, dtype,
 
 # ---- determinism of mae_fast's own ops ------------------------------------------------------
 
-def _own_ops_outputs(dtype, embed_mode):
-    """Every output and input gradient of mae_fast's ops at ViT-B/16 widths (N=8, L=196, K=49,
-    D=768, decoder 512): gather + add_pos_cls or the GEMM (encoder input), unshuffle (decoder
-    input), masked loss, random masking. Seeded: two calls see the same inputs."""
+def _own_ops_outputs(dtype, embed_mode, N=8, image=224):
+    """Every output and input gradient of mae_fast's ops, by default at ViT-B/16 widths (N=8,
+    L=196, K=49, D=768, decoder 512): gather + add_pos_cls or the GEMM (encoder input), unshuffle
+    (decoder input), masked loss, random masking. Seeded: two calls see the same inputs."""
     torch.manual_seed(123)
-    N, p, D, DD = 8, 16, 768, 512
-    noise = torch.rand(N, 196)
-    ids_keep, ids_restore, mask = masking_indices(noise, 49, backend="fast")
-    imgs = torch.randn(N, 3, 224, 224).to(dtype)
+    p, D, DD = 16, 768, 512
+    L = (image // p) ** 2
+    K = L // 4
+    noise = torch.rand(N, L)
+    ids_keep, ids_restore, mask = masking_indices(noise, K, backend="fast")
+    imgs = torch.randn(N, 3, image, image).to(dtype)
     weight = (torch.randn(D, 3, p, p) * 0.02).to(dtype).requires_grad_()
     bias = torch.randn(D).to(dtype).requires_grad_()
-    pos_embed, cls_token = torch.randn(1, 197, D), torch.randn(1, 1, D).requires_grad_()
+    pos_embed, cls_token = torch.randn(1, 1 + L, D), torch.randn(1, 1, D).requires_grad_()
     if embed_mode == "gemm":
         tokens = pe.patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep, dtype)
     else:
         tokens = ops.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, backend="fast")
-    x = torch.randn(N, 50, DD).to(dtype).requires_grad_()
+    x = torch.randn(N, 1 + K, DD).to(dtype).requires_grad_()
     mask_token = torch.randn(1, 1, DD).to(dtype).requires_grad_()
-    decoder_in = ops.unshuffle(x, mask_token, ids_restore, torch.randn(1, 197, DD).to(dtype), backend="fast")
-    pred = torch.randn(N, 197, p * p * 3).to(dtype)[:, 1:, :].requires_grad_()  # as the model slices it
+    decoder_in = ops.unshuffle(x, mask_token, ids_restore, torch.randn(1, 1 + L, DD).to(dtype), backend="fast")
+    pred = torch.randn(N, 1 + L, p * p * 3).to(dtype)[:, 1:, :].requires_grad_()  # as the model slices it
     loss = ops.masked_loss(imgs, pred, mask, p, True, backend="fast")
     wants = [weight, bias, cls_token, x, mask_token, pred]
     grads = torch.autograd.grad([tokens, decoder_in, loss],
