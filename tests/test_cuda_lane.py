@@ -33,3 +33,29 @@ def test_masked_loss_on_the_models_pred_slice(dtype, norm_pix, device):
     imgs = torch.randn(N, C, *hw).to(dtype).requires_grad_()
     mask = reference.masking_indices(torch.rand(N, L), reference.num_keep(L, 0.5))[2]
     _assert_matches_reference(imgs, pred, mask, p, norm_pix)
+
+
+def test_the_cuda_lane_is_one_environment_variable_away():
+    """``MAE_FAST_TEST_DEVICE=cuda`` in a fresh process: Triton compiled (TRITON_INTERPRET=0 even if
+    the shell exported 1), the cpu params skip as interpreter-lane tests and, without a GPU, the
+    cuda params skip saying so; a bad value is refused."""
+    import os
+    import subprocess
+    import sys
+
+    from _lane import CPU_LANE_ONLY, NO_GPU
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    test = os.path.basename(__file__) + "::test_device_fixture_sets_the_default_device_and_tf32"
+    env = dict(os.environ, MAE_FAST_TEST_DEVICE="cuda", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", test, "-rs", "-p", "no:cacheprovider"],
+                          cwd=here, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "mae_fast test lane: cuda (TRITON_INTERPRET=0)" in out
+    assert CPU_LANE_ONLY in out
+    if not torch.cuda.is_available():
+        assert NO_GPU in out and "2 skipped" in out
+    bad = subprocess.run([sys.executable, "-m", "pytest", test, "-p", "no:cacheprovider"], cwd=here,
+                         env=dict(env, MAE_FAST_TEST_DEVICE="gpu"), capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "MAE_FAST_TEST_DEVICE must be 'cpu' or 'cuda'" in bad.stdout + bad.stderr
