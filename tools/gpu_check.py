@@ -49,7 +49,7 @@ BUILD_CMD = "{python} -m pip install --no-deps --no-build-isolation -e ."
 
 # name -> (budget seconds on the GPU machine, what it proves); the order is the priority
 STAGES = {
-    "build": (240, "mae_fast._C compiled with nvcc against the installed torch, for this GPU"),
+    "build": (180, "mae_fast._C compiled with nvcc against the installed torch, for this GPU"),
     "lane": (300, "the CUDA test lane: compiled Triton kernels and _C CUDA ops vs mae_fast.reference"),
     "train_b16": (75, "ViT-B/16 training step, eager, bf16 autocast: mae_fast vs HF ViTMAE (+ official)"),
     "ops": (60, "each fused op vs the official op sequence it replaces (+ cold Triton JIT per op)"),
