@@ -1,5 +1,6 @@
 """The Triton masked loss (forward + backward into pred and imgs) against the reference, run on
-CPU by the Triton interpreter (TRITON_INTERPRET=1, set in conftest)."""
+CPU by the Triton interpreter (TRITON_INTERPRET=1, set in conftest); the tests that take ``device``
+also run compiled on CUDA tensors in the CUDA lane (tests/_lane.py)."""
 import random
 
 import pytest

@@ -1,5 +1,6 @@
 """The Triton encoder-input path (gather of kept patches + pos/cls epilogue) against the
-reference, run on CPU by the Triton interpreter (TRITON_INTERPRET=1, set in conftest)."""
+reference, run on CPU by the Triton interpreter (TRITON_INTERPRET=1, set in conftest); the tests
+that take ``device`` also run compiled on CUDA tensors in the CUDA lane (tests/_lane.py)."""
 import random
 
 import pytest

@@ -1,6 +1,7 @@
 """The encoder input's backward ops against the reference (autograd through
 ``mae_fast.reference.patch_embed_masked``), run by the Triton interpreter on CPU
-(TRITON_INTERPRET=1, set in conftest):
+(TRITON_INTERPRET=1, set in conftest; the tests that take ``device`` also run compiled on CUDA
+tensors in the CUDA lane, tests/_lane.py):
   split mode  ``mae_fast::add_pos_cls_backward`` (one kernel: contiguous grad_x + grad_cls);
   gemm mode   ``mae_fast::patch_embed_gemm_backward`` (one kernel: grad_weight with the gather
               as its prologue, grad_bias, grad_cls)."""
