@@ -79,3 +79,12 @@ bench: venv
 
 clean:
 	rm -rf build dist $(VENV) $(COMPAT_VENV) mae_fast/_C*.so *.egg-info
+
+# On a GPU machine: build _C for this GPU, run the CUDA test lane, time the fused ops and the
+# training steps; writes $(GPU_CHECK_OUT)/report.md + report.json (docs/GPU_CHECK.md). Uses the
+# python that already has torch (PY=python3): no venv, nothing downloaded.
+GPU_CHECK_OUT ?= gpu-report
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	$(PY) tools/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)

@@ -59,7 +59,7 @@ def assert_equal_outputs(actual, expected, what=""):
 @requires_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,L", [(3, 7), (1, 1), (2, 196), (5, 33), (4, 256), (2, 2)])
-def test_matches_reference_without_ties(N, L, dtype):
+def test_matches_reference_without_ties(N, L, dtype, device):
     noise = tie_free_noise(N, L, dtype)
     for len_keep in sorted({0, 1, L // 4, L - 1, L} - {-1}):
         assert_equal_outputs(op(noise, len_keep), reference.masking_indices(noise, len_keep),
@@ -85,7 +85,7 @@ def test_fuzz_200_random_shapes_dtypes_and_len_keep():
 @requires_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("levels", [1, 2, 5])
-def test_ties_are_broken_by_index_like_a_stable_argsort(dtype, levels):
+def test_ties_are_broken_by_index_like_a_stable_argsort(dtype, levels, device):
     N, L = 6, 196
     noise = (torch.randint(0, levels, (N, L)).to(torch.float64) / 4).to(dtype)  # many ties per row
     for len_keep in (0, 1, 49, 100, L - 1, L):
@@ -113,7 +113,7 @@ def test_with_ties_the_kept_noise_values_equal_the_officials():
 
 @requires_ext
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_inf_and_signed_zero_sort_like_torch(dtype):
+def test_nan_inf_and_signed_zero_sort_like_torch(dtype, device):
     """torch sorts NaN as the largest value (every NaN equal), -0.0 equal to +0.0."""
     nan, inf = float("nan"), float("inf")
     row = [nan, 0.0, -0.0, inf, -inf, -nan, 1.0, 0.0, -0.0, -2.5, nan, 0.5]
@@ -124,13 +124,13 @@ def test_nan_inf_and_signed_zero_sort_like_torch(dtype):
 
 @requires_ext
 @pytest.mark.parametrize("N,L", [(0, 0), (3, 0), (0, 5)])
-def test_empty_noise(N, L):
+def test_empty_noise(N, L, device):
     noise = torch.rand(N, L)
     assert_equal_outputs(op(noise, 0), reference.masking_indices(noise, 0))
 
 
 @requires_ext
-def test_rows_are_independent_and_ids_restore_is_a_permutation():
+def test_rows_are_independent_and_ids_restore_is_a_permutation(device):
     noise = torch.rand(64, 196)
     ids_keep, ids_restore, mask = op(noise, 49)
     assert torch.equal(ids_restore.sort(1).values, torch.arange(196).expand(64, -1))
@@ -170,7 +170,7 @@ def test_mask_has_the_default_dtype_like_the_reference(default_dtype):
 
 
 @requires_ext
-def test_public_function_takes_non_contiguous_noise_and_noise_that_requires_grad():
+def test_public_function_takes_non_contiguous_noise_and_noise_that_requires_grad(device):
     base = torch.rand(20, 6)
     noise = base.t()  # (6, 20), column-major
     assert not noise.is_contiguous()
@@ -193,7 +193,7 @@ def test_meta_tensors_give_shapes():
 
 @requires_ext
 @pytest.mark.parametrize("sample", ["fp32", "fp64", "fp16", "bf16", "keep_none", "keep_all", "empty_batch"])
-def test_opcheck(sample):
+def test_opcheck(sample, device):
     dtype = {"fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}.get(sample, torch.float32)
     N, L = (0, 9) if sample == "empty_batch" else (3, 9)
     len_keep = {"keep_none": 0, "keep_all": L}.get(sample, 4)
@@ -202,7 +202,7 @@ def test_opcheck(sample):
 
 
 @requires_ext
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     noise = torch.rand(4, 196)
 
     def masked_fraction(noise):
@@ -251,6 +251,7 @@ def test_cuda_kernel_registered_iff_built_with_cuda():
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and _ext.LOADED and _ext.built_with_cuda()),
                     reason="needs a GPU and mae_fast._C built with CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,L", [(64, 196), (3, 7), (2, 1000), (1, 300)])
 def test_cuda_matches_cpu_op(dtype, N, L):

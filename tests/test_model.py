@@ -106,7 +106,7 @@ def test_checkpoint_of_another_size_interpolates_positions():
     big(torch.randn(2, 3, 48, 48))  # and it runs
 
 
-def test_noise_argument_equals_official_rand_draw():
+def test_noise_argument_equals_official_rand_draw(device):
     model = mae_fast.MaskedAutoencoderViT(**TINY)
     imgs = torch.randn(3, 3, 32, 32)
     torch.manual_seed(7)
@@ -118,7 +118,7 @@ def test_noise_argument_equals_official_rand_draw():
 
 
 @pytest.mark.parametrize("in_chans", [1, 4])
-def test_in_chans_other_than_three(in_chans):
+def test_in_chans_other_than_three(in_chans, device):
     model = mae_fast.MaskedAutoencoderViT(**TINY, in_chans=in_chans).double()
     imgs = torch.randn(2, in_chans, 32, 32, dtype=torch.float64)
     x = model.patchify(imgs)
@@ -131,7 +131,7 @@ def test_in_chans_other_than_three(in_chans):
     loss.backward()
 
 
-def test_non_square_images():
+def test_non_square_images(device):
     model = mae_fast.MaskedAutoencoderViT(**{**TINY, "img_size": (32, 48)}).double()
     assert model.patch_embed.grid_size == (4, 6) and model.pos_embed.shape == (1, 25, 32)
     imgs = torch.randn(2, 3, 32, 48, dtype=torch.float64)
@@ -193,7 +193,7 @@ def test_reference_masking_follows_official_definition():
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_whole_model_compiles_fullgraph(backend):
+def test_whole_model_compiles_fullgraph(backend, device):
     model = mae_fast.MaskedAutoencoderViT(**TINY, backend=backend)
     imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
     loss, pred, mask = model(imgs, 0.75, noise)

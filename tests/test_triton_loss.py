@@ -1,5 +1,6 @@
 """The Triton masked loss (forward + backward into pred and imgs) against the reference, run on
-CPU by the Triton interpreter (TRITON_INTERPRET=1, set in conftest)."""
+CPU by the Triton interpreter (TRITON_INTERPRET=1, set in conftest); the tests that take ``device``
+also run compiled on CUDA tensors in the CUDA lane (tests/_lane.py)."""
 import random
 
 import pytest
@@ -8,9 +9,10 @@ import torch
 from mae_fast import ops, reference
 from mae_fast.ops import loss as loss_mod
 from mae_fast.ops import patch_embed as pe
+from _lane import lane_device
 
-pytestmark = pytest.mark.skipif(not pe._triton_runs(torch.device("cpu")),
-                                reason="needs triton importable and TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not pe._triton_runs(lane_device()),
+                                reason="needs triton importable (and TRITON_INTERPRET=1 on CPU)")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -77,13 +79,13 @@ CASES = [  # patch, in_chans, (H, W), batch, mask ratio
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("p, C, hw, N, ratio", CASES)
-def test_loss_and_grads_match_reference(p, C, hw, N, ratio, dtype, norm_pix):
+def test_loss_and_grads_match_reference(p, C, hw, N, ratio, dtype, norm_pix, device):
     imgs, pred, mask = _case(N, C, *hw, p, ratio, dtype, channels_last=(N == 3))
     _assert_matches_reference(imgs, pred, mask, p, norm_pix)
 
 
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
-def test_mask_ratio_zero_is_nan_like_the_reference(norm_pix):
+def test_mask_ratio_zero_is_nan_like_the_reference(norm_pix, device):
     """Nothing removed: sum(mask) = 0, the official loss is 0/0 = nan; so is ours."""
     imgs, pred, mask = _case(2, 3, 8, 8, 4, 0.0, torch.float32)
     assert mask.sum() == 0
@@ -116,7 +118,7 @@ def test_fuzz_against_reference():
             raise AssertionError(f"case {case}: p={p} C={C} grid={h}x{w} N={N} {dtype}: {e}") from e
 
 
-def test_pred_grad_only_when_imgs_do_not_require_grad():
+def test_pred_grad_only_when_imgs_do_not_require_grad(device):
     imgs, pred, mask = _case(2, 3, 8, 12, 4, 0.75, torch.float32)
     imgs = imgs.detach()
     (got,) = torch.autograd.grad(_fast(imgs, pred, mask, 4, True), pred)
@@ -124,13 +126,13 @@ def test_pred_grad_only_when_imgs_do_not_require_grad():
     torch.testing.assert_close(got, want)
 
 
-def test_loss_is_deterministic():
+def test_loss_is_deterministic(device):
     imgs, pred, mask = _case(3, 3, 16, 16, 4, 0.75, torch.float32)
     first = _fast(imgs, pred, mask, 4, True)
     assert all(torch.equal(first, _fast(imgs, pred, mask, 4, True)) for _ in range(3))
 
 
-def test_mask_requiring_grad_falls_back_to_the_reference():
+def test_mask_requiring_grad_falls_back_to_the_reference(device):
     imgs, pred, mask = _case(1, 3, 8, 8, 4, 0.5, torch.float32)
     mask = mask.clone().requires_grad_()
     (got,) = torch.autograd.grad(_fast(imgs, pred, mask, 4, False), mask)
@@ -138,7 +140,7 @@ def test_mask_requiring_grad_falls_back_to_the_reference():
     torch.testing.assert_close(got, want)
 
 
-def test_opcheck():
+def test_opcheck(device):
     imgs, pred, mask = _case(2, 3, 8, 12, 4, 0.75, torch.float32)
     for norm_pix in (False, True):
         torch.library.opcheck(loss_mod.masked_loss_op, (imgs, pred, mask, 4, norm_pix))
@@ -155,7 +157,7 @@ def test_meta_tensors_flow():
     assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "meta"
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     imgs, pred, mask = _case(2, 3, 8, 8, 4, 0.75, torch.float32)
 
     def loss_fn(imgs, pred, mask):
@@ -207,7 +209,7 @@ def test_op_refuses_a_device_without_triton(monkeypatch):
     lambda x: x[:, :1, :8, 4:12],  # one channel, unit W stride, not dense: pixel-major
 ], ids=["w-stride-2", "nhwc-slice", "c1-slice"])
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
-def test_strided_image_views(make_view, norm_pix):
+def test_strided_image_views(make_view, norm_pix, device):
     base = torch.randn(2, 3, 16, 16)
     imgs = make_view(base).detach().requires_grad_()
     N, C, H, W = imgs.shape

@@ -1,5 +1,6 @@
 """The Triton encoder-input path (gather of kept patches + pos/cls epilogue) against the
-reference, run on CPU by the Triton interpreter (TRITON_INTERPRET=1, set in conftest)."""
+reference, run on CPU by the Triton interpreter (TRITON_INTERPRET=1, set in conftest); the tests
+that take ``device`` also run compiled on CUDA tensors in the CUDA lane (tests/_lane.py)."""
 import random
 
 import pytest
@@ -8,9 +9,10 @@ import torch
 from mae_fast import ops, reference
 from mae_fast.backends import choose
 from mae_fast.ops import patch_embed as pe
+from _lane import lane_device
 
-pytestmark = pytest.mark.skipif(not pe._triton_runs(torch.device("cpu")),
-                                reason="needs triton importable and TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not pe._triton_runs(lane_device()),
+                                reason="needs triton importable (and TRITON_INTERPRET=1 on CPU)")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # atol, rtol of the embedded tokens against the reference in the same dtype (GEMM vs conv)
@@ -51,7 +53,7 @@ CASES = [
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("p, C, hw, N, ratio", CASES)
-def test_gather_is_bit_exact(p, C, hw, N, ratio, dtype, channels_last):
+def test_gather_is_bit_exact(p, C, hw, N, ratio, dtype, channels_last, device):
     imgs = _images(N, C, *hw, dtype, channels_last)
     ids_keep = _kept(N, (hw[0] // p) * (hw[1] // p), ratio)
     got = pe.gather_patches(imgs, ids_keep, p)
@@ -61,7 +63,7 @@ def test_gather_is_bit_exact(p, C, hw, N, ratio, dtype, channels_last):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("p, C, hw, N, ratio", CASES)
-def test_patch_embed_matches_reference_forward_and_backward(p, C, hw, N, ratio, dtype):
+def test_patch_embed_matches_reference_forward_and_backward(p, C, hw, N, ratio, dtype, device):
     L, D = (hw[0] // p) * (hw[1] // p), 24
     imgs = _images(N, C, *hw, dtype, channels_last=(C == 3)).requires_grad_()
     weight = (torch.randn(D, C, p, p) * 0.05).to(dtype).requires_grad_()
@@ -86,7 +88,7 @@ def test_patch_embed_matches_reference_forward_and_backward(p, C, hw, N, ratio, 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gather_backward_scatters_bit_exact(dtype, channels_last):
+def test_gather_backward_scatters_bit_exact(dtype, channels_last, device):
     p, N, C, H, W = 4, 3, 3, 12, 8
     imgs = _images(N, C, H, W, dtype, channels_last).requires_grad_()
     ids_keep = _kept(N, (H // p) * (W // p), 0.5)
@@ -139,7 +141,7 @@ def test_add_pos_cls_fuzz_matches_torch():
         assert torch.equal(got, want), f"case {case}"
 
 
-def test_channels_last_and_sliced_inputs():
+def test_channels_last_and_sliced_inputs(device):
     """Any strides: a channels_last image and a strided view give the contiguous result."""
     p, N, C = 4, 2, 3
     base = torch.randn(N, C, 8, 16)
@@ -149,7 +151,7 @@ def test_channels_last_and_sliced_inputs():
                        pe.gather_patches(view.contiguous(), ids_keep, p))
 
 
-def test_opcheck():
+def test_opcheck(device):
     p, N, C, H, W, D = 4, 2, 3, 8, 12, 8
     L = (H // p) * (W // p)
     imgs = torch.randn(N, C, H, W, requires_grad=True)
@@ -173,7 +175,7 @@ def test_meta_tensors_flow():
     assert tokens.shape == (2, 7, 16) and tokens.dtype == torch.float32
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     p, N, C, H, W, D = 4, 2, 3, 8, 8, 8
     L = (H // p) * (W // p)
     weight, bias = torch.randn(D, C, p, p, requires_grad=True), torch.randn(D, requires_grad=True)
@@ -192,7 +194,7 @@ def test_torch_compile_fullgraph():
     assert weight.grad is not None and cls_token.grad is not None
 
 
-def test_torch_fallback_of_the_ops_without_triton(monkeypatch):
+def test_torch_fallback_of_the_ops_without_triton(monkeypatch, device):
     """Off-Triton devices run a torch version of the same gather; it agrees bit for bit."""
     p, N, C, H, W, D = 4, 2, 3, 8, 12, 8
     L = (H // p) * (W // p)
@@ -247,14 +249,14 @@ def test_duplicate_ids_are_refused_in_the_scatter():
 
 @pytest.mark.parametrize("patch_size, norm_pix_loss, embed_mode", [(4, True, "split"), (8, False, "split"),
                                                                     (8, True, "gemm")])
-def test_whole_model_fast_equals_reference(patch_size, norm_pix_loss, embed_mode, monkeypatch):
+def test_whole_model_fast_equals_reference(patch_size, norm_pix_loss, embed_mode, monkeypatch, device):
     """A tiny MAE (img 32, embed 64, depth 1), fp32: backend="fast" (Triton encoder input and
     loss, interpreted) against backend="reference": loss, pred, mask and every gradient.
     embed_mode "gemm" runs the encoder input as the one-kernel GEMM (MAE_FAST_PATCH_EMBED)."""
     from mae_fast.model import MaskedAutoencoderViT
     monkeypatch.setenv("MAE_FAST_PATCH_EMBED", embed_mode)
     try:
-        choose("unshuffle", "cpu", "fast")
+        choose("unshuffle", device, "fast")
     except RuntimeError:  # the decoder-input op is another issue's; keep it on the reference here
         real_unshuffle = ops.unshuffle
         monkeypatch.setattr(ops, "unshuffle", lambda *a, backend="auto", **k:
@@ -266,7 +268,7 @@ def test_whole_model_fast_equals_reference(patch_size, norm_pix_loss, embed_mode
     fast_model = MaskedAutoencoderViT(**config, backend="fast", attn_backend="math")
     fast_model.load_state_dict(reference_model.state_dict())
     for op in ("patch_embed_masked", "masked_loss"):
-        assert choose(op, "cpu", fast_model.backend).impl == "triton"
+        assert choose(op, device, fast_model.backend).impl == "triton"
     imgs = torch.randn(3, 3, 32, 32)
     noise = torch.rand(3, (32 // patch_size) ** 2)
     want = reference_model(imgs, mask_ratio=0.75, noise=noise)
@@ -288,7 +290,7 @@ def test_whole_model_fast_equals_reference(patch_size, norm_pix_loss, embed_mode
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("p, C, hw, N, ratio", CASES[::2] + [(4, 3, (12, 8), 3, 0.5)])
-def test_gemm_kernel_matches_reference(p, C, hw, N, ratio, dtype):
+def test_gemm_kernel_matches_reference(p, C, hw, N, ratio, dtype, device):
     """fp32: within 1e-5 of the reference (IEEE fp32 products). fp16/bf16: its error against
     the fp32 reference is at most 2x the reference's own error in that dtype (+ a floor)."""
     L, D = (hw[0] // p) * (hw[1] // p), 40
@@ -319,7 +321,7 @@ def test_gemm_kernel_matches_reference(p, C, hw, N, ratio, dtype):
         assert err_fast <= 2 * err_torch + floor, f"{name}: {err_fast} > 2 * {err_torch} + {floor}"
 
 
-def test_gemm_opcheck_and_torch_fallback(monkeypatch):
+def test_gemm_opcheck_and_torch_fallback(monkeypatch, device):
     p, N, C, H, W, D = 4, 2, 3, 8, 12, 16
     L = (H // p) * (W // p)
     args = (torch.randn(N, C, H, W, requires_grad=True), torch.randn(D, C, p, p, requires_grad=True),
@@ -333,7 +335,7 @@ def test_gemm_opcheck_and_torch_fallback(monkeypatch):
     torch.testing.assert_close(pe.patch_embed_gemm(*args), triton_out, atol=1e-5, rtol=1e-5)
 
 
-def test_gemm_mode_is_picked_by_env_and_compiles(monkeypatch):
+def test_gemm_mode_is_picked_by_env_and_compiles(monkeypatch, device):
     p, N, C, H, W, D = 4, 2, 3, 8, 8, 16
     L = (H // p) * (W // p)
     weight, bias = torch.randn(D, C, p, p, requires_grad=True), torch.randn(D, requires_grad=True)
@@ -357,7 +359,7 @@ def test_gemm_mode_is_picked_by_env_and_compiles(monkeypatch):
 
 
 @pytest.mark.parametrize("embed_mode", ["split", "gemm"])
-def test_autocast_bf16_matches_reference_under_autocast(embed_mode, monkeypatch):
+def test_autocast_bf16_matches_reference_under_autocast(embed_mode, monkeypatch, device):
     """Under autocast the reference's conv runs in bf16 and + pos (fp32) gives fp32 tokens;
     both fast modes give the same dtype and agree to bf16 accuracy."""
     monkeypatch.setenv("MAE_FAST_PATCH_EMBED", embed_mode)
@@ -365,7 +367,7 @@ def test_autocast_bf16_matches_reference_under_autocast(embed_mode, monkeypatch)
     L = (H // p) * (W // p)
     args = [torch.randn(N, C, H, W), torch.randn(D, C, p, p) * 0.05, torch.randn(D),
             torch.randn(1, 1 + L, D), torch.randn(1, 1, D), _kept(N, L, 0.75)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         got = ops.patch_embed_masked(*args, backend="fast")
         want = reference.patch_embed_masked(*args)
     exact = reference.patch_embed_masked(*args)  # fp32

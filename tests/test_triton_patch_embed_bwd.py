@@ -1,6 +1,7 @@
 """The encoder input's backward ops against the reference (autograd through
 ``mae_fast.reference.patch_embed_masked``), run by the Triton interpreter on CPU
-(TRITON_INTERPRET=1, set in conftest):
+(TRITON_INTERPRET=1, set in conftest; the tests that take ``device`` also run compiled on CUDA
+tensors in the CUDA lane, tests/_lane.py):
   split mode  ``mae_fast::add_pos_cls_backward`` (one kernel: contiguous grad_x + grad_cls);
   gemm mode   ``mae_fast::patch_embed_gemm_backward`` (one kernel: grad_weight with the gather
               as its prologue, grad_bias, grad_cls)."""
@@ -10,9 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mae_fast import ops, reference
 from mae_fast.ops import patch_embed as pe
+from _lane import lane_device
 
-pytestmark = pytest.mark.skipif(not pe._triton_runs(torch.device("cpu")),
-                                reason="needs triton importable and TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not pe._triton_runs(lane_device()),
+                                reason="needs triton importable (and TRITON_INTERPRET=1 on CPU)")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NAMES = ("tokens", "imgs", "weight", "bias", "pos_embed", "cls_token")
@@ -54,7 +56,7 @@ def _outputs_and_grads(fn, tensors, ids_keep, grad_out):
 @pytest.mark.parametrize("mode", ["split", "gemm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("p, C, hw, N, ratio, all_grads", CASES)
-def test_forward_and_backward_match_reference(p, C, hw, N, ratio, all_grads, dtype, mode, monkeypatch):
+def test_forward_and_backward_match_reference(p, C, hw, N, ratio, all_grads, dtype, mode, monkeypatch, device):
     """fp32 within 1e-5 (relative to the largest value); fp16/bf16 by the flash-attention rule:
     the error against the fp32 reference is at most 2x the reference's own error in that dtype,
     plus one bf16 ulp (the interpreter truncates fp32 -> bf16, see docs/TRITON.md)."""
@@ -85,7 +87,7 @@ def test_forward_and_backward_match_reference(p, C, hw, N, ratio, all_grads, dty
         assert err_fast <= 2 * err_torch + floor, f"{name}: {err_fast} > 2 * {err_torch} + {floor}"
 
 
-def test_add_pos_cls_backward_op():
+def test_add_pos_cls_backward_op(device):
     """grad_x is grad_out's kept rows, contiguous, in x's dtype (exact for fp32/fp16, the
     interpreter's truncating bf16 cast within one ulp); grad_cls the fp32 batch sum of row 0.
     Read from a strided view of grad_out."""
@@ -107,7 +109,7 @@ def test_add_pos_cls_backward_op():
 
 
 @pytest.mark.parametrize("compute_dtype", DTYPES, ids=str)
-def test_gemm_backward_op_against_float64(compute_dtype):
+def test_gemm_backward_op_against_float64(compute_dtype, device):
     """grad_weight = grad_tokens^T @ patches, grad_bias = column sums of grad_tokens (both with
     grad_tokens rounded to the compute dtype, as the GEMM sees them), grad_cls = batch sum of
     row 0; more rows than one 32-row step, D and C*p*p not multiples of the 64-wide tiles."""
@@ -131,7 +133,7 @@ def test_gemm_backward_op_against_float64(compute_dtype):
                                    msg=lambda m: f"{name}: {m}")
 
 
-def test_backward_ops_are_deterministic():
+def test_backward_ops_are_deterministic(device):
     """Each output tile is reduced by one program in a fixed row order: two runs bit-equal."""
     N, C, H, W, p, D = 3, 3, 24, 16, 4, 70
     L = (H // p) * (W // p)
@@ -147,7 +149,7 @@ def test_backward_ops_are_deterministic():
         assert torch.equal(a, b)
 
 
-def test_torch_fallback_of_the_backward_ops(monkeypatch):
+def test_torch_fallback_of_the_backward_ops(monkeypatch, device):
     """Off-Triton devices run torch code in the op bodies: it agrees with the kernels."""
     N, C, H, W, p, D = 2, 3, 8, 12, 4, 16
     L = (H // p) * (W // p)
@@ -164,7 +166,7 @@ def test_torch_fallback_of_the_backward_ops(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_opcheck_backward_ops():
+def test_opcheck_backward_ops(device):
     N, C, H, W, p, D = 2, 3, 8, 12, 4, 16
     L = (H // p) * (W // p)
     imgs, ids_keep = torch.randn(N, C, H, W), _kept(N, L, 0.5)
@@ -226,7 +228,7 @@ def test_backward_launches(mode, want, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["split", "gemm"])
-def test_torch_compile_fullgraph_backward(mode, monkeypatch):
+def test_torch_compile_fullgraph_backward(mode, monkeypatch, device):
     """The backward ops trace under torch.compile(fullgraph=True) (aot_eager) and give the
     reference's gradients."""
     monkeypatch.setenv("MAE_FAST_PATCH_EMBED", mode)

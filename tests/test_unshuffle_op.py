@@ -19,8 +19,9 @@ requires_ext = pytest.mark.skipif(not _ext.has_op("unshuffle_scatter"),
                                   reason=f"mae_fast._C not built: {_ext.LOAD_ERROR}")
 
 
-def make_inputs(N, L, K, D, dtype=torch.float32, with_pos=True, device="cpu"):
-    """x (N, 1+K, D), mask_token (1, 1, D), ids_restore (N, L) as the model makes it, pos (1, 1+L, D)."""
+def make_inputs(N, L, K, D, dtype=torch.float32, with_pos=True, device=None):
+    """x (N, 1+K, D), mask_token (1, 1, D), ids_restore (N, L) as the model makes it, pos (1, 1+L, D),
+    on ``device`` (None: torch's default device, CUDA under the ``device`` fixture's cuda param)."""
     noise = torch.rand(N, L)
     ids_restore = torch.argsort(torch.argsort(noise, dim=1), dim=1).to(device)
     x = torch.randn(N, 1 + K, D, dtype=torch.float64).to(dtype).to(device)
@@ -77,7 +78,7 @@ def check_against_reference(N, L, K, D, dtype, with_pos, pos_requires_grad=True)
 @pytest.mark.parametrize("with_pos", [True, False])
 @pytest.mark.parametrize("N,L,K,D", [(3, 7, 2, 5), (2, 16, 4, 64), (4, 49, 12, 24), (1, 5, 0, 8), (2, 6, 6, 3),
                                      (3, 40, 10, 17)])
-def test_matches_reference(N, L, K, D, dtype, with_pos):
+def test_matches_reference(N, L, K, D, dtype, with_pos, device):
     check_against_reference(N, L, K, D, dtype, with_pos)
 
 
@@ -95,7 +96,7 @@ def test_fuzz_200_random_shapes_and_dtypes():
 
 
 @requires_ext
-def test_mask_token_grad_is_deterministic_across_runs_and_threads():
+def test_mask_token_grad_is_deterministic_across_runs_and_threads(device):
     N, L, K, D = 16, 196, 49, 64  # several chunks per sample, work split across threads
     x, mask_token, ids_restore, pos = make_inputs(N, L, K, D, torch.float32)
     grad_out = torch.randn(N, 1 + L, D)
@@ -115,7 +116,7 @@ def test_mask_token_grad_is_deterministic_across_runs_and_threads():
 
 @requires_ext
 @pytest.mark.parametrize("with_pos", [True, False])
-def test_gradcheck_float64(with_pos):
+def test_gradcheck_float64(with_pos, device):
     x, mask_token, ids_restore, pos = make_inputs(2, 9, 3, 4, torch.float64, with_pos)
     inputs = [x.requires_grad_(), mask_token.requires_grad_()] + ([pos.requires_grad_()] if with_pos else [])
 
@@ -127,7 +128,7 @@ def test_gradcheck_float64(with_pos):
 
 @requires_ext
 @pytest.mark.parametrize("sample", ["pos", "no_pos", "frozen_pos", "fp32", "no_grad", "all_masked"])
-def test_opcheck(sample):
+def test_opcheck(sample, device):
     N, L, K, D, dtype = (2, 6, 0, 3, torch.float64) if sample == "all_masked" else (3, 7, 2, 5, torch.float64)
     dtype = torch.float32 if sample == "fp32" else dtype
     x, mask_token, ids_restore, pos = make_inputs(N, L, K, D, dtype, with_pos=sample != "no_pos")
@@ -155,7 +156,7 @@ def test_meta_tensors_give_shapes_through_forward_and_backward():
 
 
 @requires_ext
-def test_torch_compile_fullgraph_forward_and_backward():
+def test_torch_compile_fullgraph_forward_and_backward(device):
     x, mask_token, ids_restore, pos = make_inputs(2, 10, 3, 8, torch.float32)
     grad_out = torch.randn(2, 11, 8)
 
@@ -175,10 +176,10 @@ def test_torch_compile_fullgraph_forward_and_backward():
 # the public function: promotes and makes contiguous like the reference accepts
 @requires_ext
 @pytest.mark.parametrize("autocast", [False, True])
-def test_public_function_promotes_dtypes_like_the_reference(autocast):
+def test_public_function_promotes_dtypes_like_the_reference(autocast, device):
     x, mask_token, ids_restore, pos = make_inputs(2, 10, 3, 8, torch.bfloat16)
     mask_token, pos = mask_token.float(), pos.float()  # bf16 activations, fp32 parameters (autocast)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         out = unshuffle(x, mask_token, ids_restore, pos, backend="fast")
         expected = reference.unshuffle(x, mask_token, ids_restore, pos)
     assert out.dtype == expected.dtype == torch.float32
@@ -186,7 +187,7 @@ def test_public_function_promotes_dtypes_like_the_reference(autocast):
 
 
 @requires_ext
-def test_public_function_accepts_non_contiguous_inputs():
+def test_public_function_accepts_non_contiguous_inputs(device):
     x, mask_token, ids_restore, pos = make_inputs(2, 10, 3, 16, torch.float32)
     x_strided = torch.randn(2, 4, 32)[:, :, ::2]
     ids_t = ids_restore.t().contiguous().t()  # same values, column-major
@@ -231,6 +232,7 @@ def test_cuda_call_without_a_gpu_raises_cleanly():
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and _ext.LOADED and _ext.built_with_cuda()),
                     reason="needs a GPU and mae_fast._C built with CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [64, 24, 5])  # 16-byte vectors, vectors for some dtypes only, scalars
 def test_cuda_matches_cpu_op(dtype, D):
