@@ -114,6 +114,17 @@ FORWARD_TILES = {
 }
 
 
+# (BLOCK_D, BLOCK_E, BLOCK_M, num_warps, num_stages) of the backward, per compute dtype: output
+# tiles of grad_weight, BLOCK_M token rows a step. bf16/fp16: 64x64, 32 rows, 8 warps, 2 stages
+# (tried and spilling: 4 warps with 1-3 stages, 64x64x16/4, 32x64x32/4, 64x32x32/4). fp32: the
+# same tile 16 rows a step: 32 rows spilled 44 B at patch 14 on sm_100a (triton 3.8).
+BACKWARD_TILES = {
+    torch.bfloat16: (64, 64, 32, 8, 2),
+    torch.float16: (64, 64, 32, 8, 2),
+    torch.float32: (64, 64, 16, 8, 2),
+}
+
+
 def forward_tiles(compute_dtype: torch.dtype, dim: int):
     block_m, block_n, block_k, num_warps, num_stages = FORWARD_TILES[compute_dtype]
     return block_m, max(16, min(block_n, triton.next_power_of_2(dim))), block_k, num_warps, num_stages
@@ -236,11 +247,7 @@ def patch_embed_gemm_backward(grad_out, imgs, ids_keep, weight_shape, compute_dt
     grad_cls = grad_out.new_empty((1, 1, D), dtype=cls_dtype)
     if D == 0:
         return grad_weight, grad_bias, grad_cls
-    # 64x64 output tiles, 32 rows a step, 8 warps, 2 stages: 0 ptxas spills on sm_80/90/100 for
-    # the bf16/fp16 MMA and the fp32 IEEE variant (tools/triton_aot.py). Tried and spilling:
-    # 4 warps with 3 stages (fp32 on sm_100a, up to 2.9 KB), 4 warps with 1-2 stages (fp32 on
-    # sm_80), 64x64x16/4, 32x64x32/4, 64x32x32/4. Not tuned on a GPU.
-    block_d, block_e, block_m = 64, 64, 32
+    block_d, block_e, block_m, num_warps, num_stages = BACKWARD_TILES[compute_dtype]
     grid = (triton.cdiv(D, block_d), triton.cdiv(C * p * p, block_e))
     _patch_embed_gemm_bwd_kernel[grid](
         grad_out, imgs, ids_keep, grad_weight, grad_bias, grad_cls,
@@ -249,6 +256,6 @@ def patch_embed_gemm_backward(grad_out, imgs, ids_keep, weight_shape, compute_dt
         CHANS=C, PATCH=p,
         DOT_DTYPE=_TL_DTYPE[compute_dtype], IEEE=compute_dtype == torch.float32,
         EMULATE_DOT=imgs.device.type == "cpu" and compute_dtype != torch.float32,
-        BLOCK_D=block_d, BLOCK_E=block_e, BLOCK_M=block_m, num_warps=8, num_stages=2,
+        BLOCK_D=block_d, BLOCK_E=block_e, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages,
     )
     return grad_weight, grad_bias, grad_cls
