@@ -27,9 +27,13 @@ from .patch_gather import _patch_index, pos_cls_rows
 def _token_rows(rows, row_ok, num_keep, ids_keep_ptr, stride_kn, stride_kk, grid_w, num_patches,
                 stride_in, stride_ih, stride_iw, PATCH: tl.constexpr):
     """Token rows n * (1+K) + t of the (N, 1+K, D) output -> sample n, slot t, whether it is a
-    kept patch (t > 0), whether its index is in range (an out-of-range one reads a zero patch and
-    a zero positional row: memory-safe), its patch index, and the image offset of that patch's
-    top-left pixel (forward and backward GEMMs share this)."""
+    kept patch (t > 0), whether it is a kept patch with an in-range index (``gather``), its patch
+    index (an out-of-range one clamped to 0, so every address below stays inside the tensors),
+    and the image offset of that patch's top-left pixel (forward and backward GEMMs share this).
+    What an out-of-range row then computes (docs/CUDA.md, index contract): the forward a zero
+    patch plus patch 0's positional row, the backward patch 0's pixels. Masking more (a zero
+    positional row, a zero backward contribution) kept one more mask live across the main loop:
+    +8 registers on sm_90a (the bf16 forward 128 -> 136: 2 -> 1 block per SM), so it is not done."""
     n = rows // (num_keep + 1)
     t = rows % (num_keep + 1)
     is_patch = row_ok & (t > 0)
@@ -85,8 +89,7 @@ def _patch_embed_gemm_kernel(
 
     pos_row = tl.where(t == 0, 0, 1 + patch_id)
     out_ok = row_ok[:, None] & col_ok[None, :]
-    pos = tl.load(pos_ptr + pos_row[:, None] * stride_pos + cols[None, :],
-                  mask=out_ok & ((t == 0) | gather)[:, None], other=0.0)
+    pos = tl.load(pos_ptr + pos_row[:, None] * stride_pos + cols[None, :], mask=out_ok, other=0.0)
     cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)
@@ -206,7 +209,7 @@ def _patch_embed_gemm_bwd_kernel(
             rows, row_ok, num_keep, ids_keep_ptr, stride_kn, stride_kk, grid_w, num_patches,
             stride_in, stride_ih, stride_iw, PATCH)
         a = tl.load(imgs_ptr + a_base[:, None] + a_offs[None, :],
-                    mask=gather[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
+                    mask=is_patch[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
         g = tl.load(grad_out_ptr + (n.to(tl.int64) * stride_gn + t * stride_gt)[:, None]
                     + d[None, :] * stride_gd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
