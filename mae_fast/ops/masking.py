@@ -55,7 +55,7 @@ def _masking_cpp(noise, len_keep):
 # run the argsort path (the reference), for backend "auto" and "fast" alike: past the crossover
 # it *is* the fast path, and the op is never handed a row it refuses. docs/CUDA.md ("Long rows")
 # has the measurement (CPU) and the arithmetic (CUDA, an estimate: not measured on a GPU).
-RANK_MAX_L = {"cpu": 1024, "cuda": 4096}
+RANK_MAX_L = {"cpu": 1024, "cuda": 1024}
 
 
 def rank_kernel_runs(device: torch.device, L: int) -> bool:
