@@ -38,7 +38,12 @@ struct Dims {
 // Rows of the output are handled in chunks of this many patches in the backward.
 constexpr int64_t kRowsPerChunk = 32;
 
-MAE_FAST_HD int64_t num_chunks(const Dims& d) { return (d.L + kRowsPerChunk - 1) / kRowsPerChunk; }
+// At least one chunk per sample, also when L = 0: chunk 0 is what copies the cls row of grad_x
+// (and zeroes its partial), so with no chunk at all grad_x[n, 0] would never be written.
+MAE_FAST_HD int64_t num_chunks(const Dims& d) {
+  const int64_t chunks = (d.L + kRowsPerChunk - 1) / kRowsPerChunk;
+  return chunks > 0 ? chunks : 1;
+}
 
 // Element offset of row t of sample n of out / grad_out.
 MAE_FAST_HD int64_t out_offset(const Dims& d, int64_t n, int64_t t) { return (n * (1 + d.L) + t) * d.D; }

@@ -20,32 +20,39 @@ import triton
 import triton.language as tl
 import torch
 from . import on_tensor_device
-from .patch_gather import pos_cls_rows
+from .patch_gather import _patch_index, pos_cls_rows
 
 
 @triton.jit
-def _token_rows(rows, row_ok, num_keep, ids_keep_ptr, stride_kn, stride_kk, grid_w,
+def _token_rows(rows, row_ok, num_keep, ids_keep_ptr, stride_kn, stride_kk, grid_w, num_patches,
                 stride_in, stride_ih, stride_iw, PATCH: tl.constexpr):
     """Token rows n * (1+K) + t of the (N, 1+K, D) output -> sample n, slot t, whether it is a
-    kept patch (t > 0), its patch index, and the image offset of that patch's top-left pixel (forward and
-    backward GEMMs share this)."""
+    kept patch (t > 0), whether it is a kept patch with an in-range index (``gather``), its patch
+    index (an out-of-range one clamped to 0, so every address below stays inside the tensors),
+    and the image offset of that patch's top-left pixel (forward and backward GEMMs share this).
+    What an out-of-range row then computes (docs/CUDA.md, index contract): the forward a zero
+    patch plus patch 0's positional row, the backward patch 0's pixels. Masking more (a zero
+    positional row, a zero backward contribution) kept one more mask live across the main loop:
+    +8 registers on sm_90a (the bf16 forward 128 -> 136: 2 -> 1 block per SM), so it is not done."""
     n = rows // (num_keep + 1)
     t = rows % (num_keep + 1)
     is_patch = row_ok & (t > 0)
-    patch_id = tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + (t - 1) * stride_kk,
-                       mask=is_patch, other=0).to(tl.int32)
+    patch_id, id_ok = _patch_index(
+        tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + (t - 1) * stride_kk,
+                mask=is_patch, other=0), num_patches)
+    gather = is_patch & id_ok
     a_base = (n.to(tl.int64) * stride_in + ((patch_id // grid_w) * PATCH) * stride_ih
               + ((patch_id % grid_w) * PATCH) * stride_iw)  # [BLOCK_M]
-    return n, t, is_patch, patch_id, a_base
+    return n, t, is_patch, gather, patch_id, a_base
 
 
 @triton.jit
 def _patch_embed_gemm_kernel(
     imgs_ptr, ids_keep_ptr, w_ptr, bias_ptr, pos_ptr, cls_ptr, out_ptr,
-    num_rows, num_keep, grid_w, dim,
+    num_rows, num_keep, grid_w, num_patches, dim,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_kn, stride_kk,
-    stride_wd, stride_pos,
+    stride_wd, stride_pos, stride_bias,
     CHANS: tl.constexpr, PATCH: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EMULATE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -54,8 +61,9 @@ def _patch_embed_gemm_kernel(
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # token rows n * (1+K) + t
     row_ok = rows < num_rows
-    n, t, is_patch, patch_id, a_base = _token_rows(rows, row_ok, num_keep, ids_keep_ptr, stride_kn,
-                                                   stride_kk, grid_w, stride_in, stride_ih, stride_iw, PATCH)
+    n, t, is_patch, gather, patch_id, a_base = _token_rows(
+        rows, row_ok, num_keep, ids_keep_ptr, stride_kn, stride_kk, grid_w, num_patches,
+        stride_in, stride_ih, stride_iw, PATCH)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < dim
 
@@ -68,7 +76,7 @@ def _patch_embed_gemm_kernel(
         j = e % PATCH
         a_offs = c * stride_ic + i * stride_ih + j * stride_iw
         a = tl.load(imgs_ptr + a_base[:, None] + a_offs[None, :],
-                    mask=is_patch[:, None] & e_ok[None, :], other=0.0)
+                    mask=gather[:, None] & e_ok[None, :], other=0.0)
         b = tl.load(w_ptr + cols[None, :] * stride_wd + e[:, None],
                     mask=e_ok[:, None] & col_ok[None, :], other=0.0)  # W^T tile [BLOCK_K, BLOCK_N]
         if EMULATE_DOT:  # the interpreter's tl.dot cannot take bf16 (numpy sees uint16)
@@ -84,7 +92,7 @@ def _patch_embed_gemm_kernel(
     pos = tl.load(pos_ptr + pos_row[:, None] * stride_pos + cols[None, :], mask=out_ok, other=0.0)
     cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     extra = tl.where((t == 0)[:, None], cls[None, :], bias[None, :])
@@ -94,6 +102,35 @@ def _patch_embed_gemm_kernel(
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the forward, per compute dtype; BLOCK_N
+# shrinks to D for narrow embeddings. Chosen by ptxas spills (tools/triton_aot.py, triton 3.6 and
+# 3.8, sm_80/90/100, patch 16 and 14), not tuned on a GPU.
+FORWARD_TILES = {
+    # the bf16/fp16 MMA: 64x128x32 on 8 warps, the largest tile with 0 spills
+    torch.bfloat16: (64, 128, 32, 8, 3),
+    torch.float16: (64, 128, 32, 8, 3),
+    # fp32 IEEE products (an FMA dot, no tensor cores: operand fragments live in registers):
+    # 64x128x32/8 spilled at patch 14 on sm_80 (255 registers, 32-48 B) and on sm_90a under
+    # triton 3.6; 32x64x32/4 has 0 spills everywhere (docs/TRITON.md lists what was tried)
+    torch.float32: (32, 64, 32, 4, 3),
+}
+
+
+# (BLOCK_D, BLOCK_E, BLOCK_M, num_warps, num_stages) of the backward, per compute dtype: output
+# tiles of grad_weight, BLOCK_M token rows a step. bf16/fp16: 64x64, 32 rows, 8 warps, 2 stages
+# (tried and spilling: 4 warps with 1-3 stages, 64x64x16/4, 32x64x32/4, 64x32x32/4). fp32: the
+# same tile 16 rows a step: 32 rows spilled 44 B at patch 14 on sm_100a (triton 3.8).
+BACKWARD_TILES = {
+    torch.bfloat16: (64, 64, 32, 8, 2),
+    torch.float16: (64, 64, 32, 8, 2),
+    torch.float32: (64, 64, 16, 8, 2),
+}
+
+
+def forward_tiles(compute_dtype: torch.dtype, dim: int):
+    block_m, block_n, block_k, num_warps, num_stages = FORWARD_TILES[compute_dtype]
+    return block_m, max(16, min(block_n, triton.next_power_of_2(dim))), block_k, num_warps, num_stages
 
 
 @on_tensor_device
@@ -112,22 +149,20 @@ def patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
     num_rows = N * (1 + K)
     if out.numel() == 0:
         return out
-    # 64x128x32 on 8 warps: the largest tile with 0 ptxas spills on sm_80/90/100 for both the
-    # bf16 MMA and the fp32 IEEE variant (tools/triton_aot.py); not tuned on a GPU
-    block_m, block_k = 64, 32
-    block_n = max(16, min(128, triton.next_power_of_2(D)))
+    block_m, block_n, block_k, num_warps, num_stages = forward_tiles(compute_dtype, D)
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(D, block_n))
     _patch_embed_gemm_kernel[grid](
         imgs, ids_keep, w2d, bias if bias is not None else cls, pos, cls, out,
-        num_rows, K, W // p, D,
+        num_rows, K, W // p, (H // p) * (W // p), D,
         *imgs.stride(), *ids_keep.stride(),
-        w2d.stride(0), pos.stride(0),
+        w2d.stride(0), pos.stride(0), bias.stride(0) if bias is not None else 1,
         CHANS=C, PATCH=p, HAS_BIAS=bias is not None,
         DOT_DTYPE=_TL_DTYPE[compute_dtype], IEEE=compute_dtype == torch.float32,
         # Triton 3.8's interpreter multiplies bf16 tiles as raw uint16: under it (CPU tensors)
         # round the tiles to the compute dtype and multiply exactly in fp32 instead
         EMULATE_DOT=imgs.device.type == "cpu" and compute_dtype != torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
@@ -135,7 +170,7 @@ def patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
 @triton.jit
 def _patch_embed_gemm_bwd_kernel(
     grad_out_ptr, imgs_ptr, ids_keep_ptr, grad_w_ptr, grad_bias_ptr, grad_cls_ptr,
-    num_rows, num_keep, grid_w, dim,
+    num_rows, num_keep, grid_w, num_patches, dim,
     stride_gn, stride_gt, stride_gd,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_kn, stride_kk,
@@ -170,8 +205,9 @@ def _patch_embed_gemm_bwd_kernel(
     for m0 in range(0, num_rows, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)  # token rows n * (1+K) + t
         row_ok = rows < num_rows
-        n, t, is_patch, _, a_base = _token_rows(rows, row_ok, num_keep, ids_keep_ptr, stride_kn,
-                                                stride_kk, grid_w, stride_in, stride_ih, stride_iw, PATCH)
+        n, t, is_patch, gather, _, a_base = _token_rows(
+            rows, row_ok, num_keep, ids_keep_ptr, stride_kn, stride_kk, grid_w, num_patches,
+            stride_in, stride_ih, stride_iw, PATCH)
         a = tl.load(imgs_ptr + a_base[:, None] + a_offs[None, :],
                     mask=is_patch[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
         g = tl.load(grad_out_ptr + (n.to(tl.int64) * stride_gn + t * stride_gt)[:, None]
@@ -214,19 +250,15 @@ def patch_embed_gemm_backward(grad_out, imgs, ids_keep, weight_shape, compute_dt
     grad_cls = grad_out.new_empty((1, 1, D), dtype=cls_dtype)
     if D == 0:
         return grad_weight, grad_bias, grad_cls
-    # 64x64 output tiles, 32 rows a step, 8 warps, 2 stages: 0 ptxas spills on sm_80/90/100 for
-    # the bf16/fp16 MMA and the fp32 IEEE variant (tools/triton_aot.py). Tried and spilling:
-    # 4 warps with 3 stages (fp32 on sm_100a, up to 2.9 KB), 4 warps with 1-2 stages (fp32 on
-    # sm_80), 64x64x16/4, 32x64x32/4, 64x32x32/4. Not tuned on a GPU.
-    block_d, block_e, block_m = 64, 64, 32
+    block_d, block_e, block_m, num_warps, num_stages = BACKWARD_TILES[compute_dtype]
     grid = (triton.cdiv(D, block_d), triton.cdiv(C * p * p, block_e))
     _patch_embed_gemm_bwd_kernel[grid](
         grad_out, imgs, ids_keep, grad_weight, grad_bias, grad_cls,
-        N * (1 + K), K, W // p, D,
+        N * (1 + K), K, W // p, (H // p) * (W // p), D,
         *grad_out.stride(), *imgs.stride(), *ids_keep.stride(),
         CHANS=C, PATCH=p,
         DOT_DTYPE=_TL_DTYPE[compute_dtype], IEEE=compute_dtype == torch.float32,
         EMULATE_DOT=imgs.device.type == "cpu" and compute_dtype != torch.float32,
-        BLOCK_D=block_d, BLOCK_E=block_e, BLOCK_M=block_m, num_warps=8, num_stages=2,
+        BLOCK_D=block_d, BLOCK_E=block_e, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages,
     )
     return grad_weight, grad_bias, grad_cls

@@ -17,13 +17,27 @@ fixed order.
 import triton
 import triton.language as tl
 import torch
-from . import on_tensor_device
+from . import _interpreter_compat, on_tensor_device
+
+# every kernel module imports this one, so this runs before any kernel does
+_interpreter_compat.apply()
+
+
+@triton.jit
+def _patch_index(raw, num_patches):
+    """Kept-patch indices as loaded (int32 or int64) -> (index as int32, whether it lies in
+    [0, num_patches)). Out-of-range entries (which only the MAE_FAST_DEBUG check rejects on
+    CUDA) become index 0 with ok = False, and every caller masks its memory accesses with ok:
+    no index value can make a kernel touch memory outside its tensors. The range test runs
+    before the narrowing to int32, so a wrapped int64 value cannot pass it."""
+    ok = (raw >= 0) & (raw < num_patches)
+    return tl.where(ok, raw, 0).to(tl.int32), ok
 
 
 @triton.jit
 def _patch_copy_kernel(
     imgs_ptr, ids_keep_ptr, patches_ptr,
-    num_keep, grid_w,
+    num_keep, grid_w, num_patches,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_kn, stride_kk,
     CHANS: tl.constexpr, PATCH: tl.constexpr,
@@ -32,11 +46,13 @@ def _patch_copy_kernel(
 ):
     """One program per kept patch ``(n, k)``. TO_PATCHES: imgs -> patches (N, K, C*p*p)
     (forward gather); else patches -> imgs (backward scatter; kept patches are distinct, so
-    every pixel is written by at most one program: plain stores, no atomics)."""
+    every pixel is written by at most one program: plain stores, no atomics). An index outside
+    [0, num_patches) is no patch: the gather writes zeros, the scatter writes nothing."""
     pid = tl.program_id(0)
     n = pid // num_keep
     k = pid % num_keep
-    patch_id = tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + k * stride_kk).to(tl.int32)
+    patch_id, id_ok = _patch_index(
+        tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + k * stride_kk), num_patches)
     row = patch_id // grid_w
     col = patch_id % grid_w
 
@@ -49,24 +65,25 @@ def _patch_copy_kernel(
                 + (row * PATCH + i) * stride_ih + (col * PATCH + j) * stride_iw)
     patch_offs = pid.to(tl.int64) * (CHANS * PATCH * PATCH) + (c * PATCH + i) * PATCH + j
     if TO_PATCHES:
-        vals = tl.load(imgs_ptr + img_offs, mask=inside)
+        vals = tl.load(imgs_ptr + img_offs, mask=inside & id_ok, other=0.0)
         tl.store(patches_ptr + patch_offs, vals, mask=inside)
     else:
         vals = tl.load(patches_ptr + patch_offs, mask=inside)
-        tl.store(imgs_ptr + img_offs, vals, mask=inside)
+        tl.store(imgs_ptr + img_offs, vals, mask=inside & id_ok)
 
 
 @triton.jit
 def _add_pos_cls_kernel(
     x_ptr, pos_ptr, cls_ptr, ids_keep_ptr, out_ptr,
-    num_keep, dim,
+    num_keep, dim, num_patches,
     stride_xn, stride_xk,
     stride_pos,
     stride_kn, stride_kk,
     BLOCK_D: tl.constexpr,
 ):
     """out (N, 1+K, D): row 0 = cls + pos[0]; row 1+k = x[n, k] + pos[1 + ids_keep[n, k]].
-    Grid (N * (1+K), cdiv(D, BLOCK_D)); adds in fp32, one rounding to out's dtype."""
+    Grid (N * (1+K), cdiv(D, BLOCK_D)); adds in fp32, one rounding to out's dtype. An index
+    outside [0, num_patches) adds a zero positional row."""
     row = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_dim = d < dim
@@ -76,10 +93,12 @@ def _add_pos_cls_kernel(
         val = (tl.load(cls_ptr + d, mask=in_dim).to(tl.float32)
                + tl.load(pos_ptr + d, mask=in_dim).to(tl.float32))
     else:
-        patch_id = tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + (t - 1) * stride_kk)
+        patch_id, id_ok = _patch_index(
+            tl.load(ids_keep_ptr + n.to(tl.int64) * stride_kn + (t - 1) * stride_kk), num_patches)
         val = (tl.load(x_ptr + n.to(tl.int64) * stride_xn + (t - 1) * stride_xk + d,
                        mask=in_dim).to(tl.float32)
-               + tl.load(pos_ptr + (1 + patch_id) * stride_pos + d, mask=in_dim).to(tl.float32))
+               + tl.load(pos_ptr + (1 + patch_id) * stride_pos + d, mask=in_dim & id_ok,
+                         other=0.0).to(tl.float32))
     tl.store(out_ptr + row.to(tl.int64) * dim + d, val.to(out_ptr.dtype.element_ty), mask=in_dim)
 
 
@@ -99,7 +118,7 @@ def _patch_copy(imgs, ids_keep, patches, patch_size: int, to_patches: bool):
     block_c, block_p = _patch_blocks(C, patch_size)
     _patch_copy_kernel[(N * K,)](
         imgs, ids_keep, patches,
-        K, W // patch_size,
+        K, W // patch_size, (H // patch_size) * (W // patch_size),
         *imgs.stride(), *ids_keep.stride(),
         CHANS=C, PATCH=patch_size, BLOCK_C=block_c, BLOCK_P=block_p,
         TO_PATCHES=to_patches, num_warps=_num_warps(block_c * block_p * block_p),
@@ -148,7 +167,7 @@ def add_pos_cls(x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tenso
     block_d = min(triton.next_power_of_2(D), 1024)
     _add_pos_cls_kernel[(N * (1 + K), triton.cdiv(D, block_d))](
         x, pos, cls, ids_keep, out,
-        K, D,
+        K, D, pos.shape[0] - 1,
         x.stride(0), x.stride(1),
         pos.stride(0),
         *ids_keep.stride(),

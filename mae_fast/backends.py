@@ -10,6 +10,7 @@ reads there is what runs.
   * ``"auto"``      - the fused implementation where it runs on that device, else the reference.
 """
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
@@ -54,15 +55,40 @@ def triton_interpreting() -> bool:
 
 MIN_CUDA_CAPABILITY = (8, 0)  # the fused kernels are compiled and checked for sm_80 and newer
 
+ROCM_REASON = ("ROCm build of torch (torch.version.hip = {hip}): mae_fast's Triton and CUDA kernels "
+               "were never tested on AMD GPUs (and _C's .cu files use inline PTX), so the "
+               "reference runs on 'cuda' (HIP) devices")
+_rocm_warned = False
+
+
+def _rocm_reason() -> str:
+    """The one message for a ROCm torch, warned once per process; "" on a CUDA/CPU build."""
+    global _rocm_warned
+    hip = getattr(torch.version, "hip", None)
+    if not hip:
+        return ""
+    reason = ROCM_REASON.format(hip=hip)
+    if not _rocm_warned:
+        _rocm_warned = True
+        warnings.warn(f"mae_fast: {reason}", RuntimeWarning, stacklevel=3)
+    return reason
+
 
 def cuda_capability_ok(device: torch.device) -> Tuple[bool, str]:
-    """Whether the current GPU is one the fused kernels are built and checked for (sm_80+).
-    Without a visible GPU the answer is about what *would* run, so it is yes."""
+    """Whether the GPU ``device`` (its own index: a node may mix GPUs; a bare "cuda" is the
+    current GPU) is one the fused kernels are built and checked for: an NVIDIA GPU of sm_80+.
+    A ROCm torch (whose AMD GPUs also report a capability, gfx90a as 9.0) never is. Without a
+    visible GPU the answer is about what *would* run, so it is yes on a CUDA build."""
+    rocm = _rocm_reason()
+    if rocm:
+        return False, rocm
     if not torch.cuda.is_available():
         return True, ""
-    cap = torch.cuda.get_device_capability(device if device.index is not None else None)
+    cap = torch.cuda.get_device_capability(device.index)
     if tuple(cap) < MIN_CUDA_CAPABILITY:
-        return False, f"GPU compute capability {cap[0]}.{cap[1]} is below {MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]}"
+        where = "the current GPU" if device.index is None else f"GPU cuda:{device.index}"
+        return False, (f"{where}: compute capability {cap[0]}.{cap[1]} is below "
+                       f"{MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]}")
     return True, ""
 
 
@@ -93,11 +119,14 @@ def choose(op: str, device, backend: str = "auto") -> Choice:
     _load_all()
     if op not in _CHOOSERS:  # choosers (attention) take their own backend names
         check_backend(backend)
-    # env switches that change the answer are part of the cache key
-    key = (op, device.type, backend, os.environ.get("TRITON_INTERPRET"), os.environ.get("MAE_FAST_ATTN"))
+    # per device *index* (a node may mix GPUs of different capability; tensors always carry
+    # their index, a bare "cuda" asks about the current GPU). Env switches that change the
+    # answer are part of the cache key too.
+    key = (op, device.type, device.index, backend, os.environ.get("TRITON_INTERPRET"),
+           os.environ.get("MAE_FAST_ATTN"))
     choice = _CACHE.get(key)
     if choice is None:
-        choice = _CACHE[key] = _choose_uncached(op, device.type, backend)
+        choice = _CACHE[key] = _choose_uncached(op, device, backend)
     return choice
 
 
@@ -110,8 +139,7 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _choose_uncached(op, device_type, backend) -> Choice:
-    device = torch.device(device_type)
+def _choose_uncached(op, device: torch.device, backend) -> Choice:
     if op in _CHOOSERS:
         return _CHOOSERS[op](device, backend)
     if op not in _FAST:
@@ -127,7 +155,7 @@ def _choose_uncached(op, device_type, backend) -> Choice:
     if runs:
         return Choice(op, impl, why)
     if backend == "fast":
-        raise RuntimeError(f"backend='fast': {op} cannot run {impl} on {device_type}: {why}")
+        raise RuntimeError(f"backend='fast': {op} cannot run {impl} on {device}: {why}")
     return Choice(op, "reference", f"{impl} unavailable: {why}")
 
 

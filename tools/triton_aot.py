@@ -10,7 +10,10 @@ benchmarks' kernel report. The kernels are compiled with exactly the arguments t
 pass: each launcher in ``mae_fast.kernels`` is run on ``meta`` tensors of a ViT-L/16 step
 (batch 256, 224 px) with its kernels swapped for recorders, and each recorded launch is turned
 into the signature / constexprs / divisibility hints the Triton JIT would specialise on (ints
-equal to 1 become constexprs, pointers and ints divisible by 16 get ``tt.divisibility``).
+equal to 1 become constexprs, ints divisible by 16 and pointers 16-byte aligned get
+``tt.divisibility``). A pointer's alignment is its tensor's storage offset in bytes (allocations
+themselves are aligned), so a slice such as the official ``pred[:, 1:, :]`` (8-byte aligned at
+patch 14 in bf16) compiles the unaligned variant a real launch gets.
 
 Under TRITON_INTERPRET=1 (the tests) Triton's ``@jit`` yields interpreter objects that cannot be
 compiled, so ``rows()`` then reruns this file in a subprocess with the interpreter off.
@@ -60,7 +63,10 @@ def _recording(module, sink):
 def launches():
     """[(label, module, kernel name, args, kwargs)]: every kernel launch of one ViT-L/16 step
     (batch 256, 224 px, fp32 images, bf16 activations as under autocast), on meta tensors, plus
-    the other constexpr branches (no norm_pix_loss, patch 14)."""
+    the variants real launches compile: the other constexpr branches (no norm_pix_loss), patch
+    14 (ViT-H/14: gather, loss forward and backward, the GEMM forward and backward), the
+    official ``pred[:, 1:, :]`` slice (not 16-byte aligned at patch 14 in bf16), fp32
+    activations (no autocast) and the fp32 GEMM."""
     import torch
     from mae_fast.kernels import masked_loss, patch_embed_gemm, patch_gather
 
@@ -82,6 +88,13 @@ def launches():
     ids_keep14 = torch.empty(N, L14 // 4, dtype=torch.long, device=meta)
     pred14 = torch.empty(N, L14, C * 14 * 14, dtype=torch.bfloat16, device=meta)
     mask14 = torch.empty(N, L14, device=meta)
+    # the official loss input: pred = decoder_pred(x)[:, 1:, :] (a view one row in)
+    pred_slice = torch.empty(N, 1 + L, P, dtype=torch.bfloat16, device=meta)[:, 1:, :]
+    pred14_slice = torch.empty(N, 1 + L14, C * 14 * 14, dtype=torch.bfloat16, device=meta)[:, 1:, :]
+    pred14_fp32 = torch.empty(N, 1 + L14, C * 14 * 14, device=meta)[:, 1:, :]
+    weight14 = torch.empty(D, C, 14, 14, device=meta)
+    pos_embed14 = torch.empty(1, 1 + L14, D, device=meta)
+    grad_tokens14 = torch.empty(N, 1 + L14 // 4, D, device=meta)
 
     calls = [
         ("gather nchw", patch_gather, lambda: patch_gather.gather_patches(imgs, ids_keep, p)),
@@ -110,6 +123,24 @@ def launches():
         ("gather nchw p14", patch_gather, lambda: patch_gather.gather_patches(imgs, ids_keep14, 14)),
         ("loss fwd normpix p14", masked_loss, lambda: masked_loss.masked_loss_fwd(
             imgs, pred14, mask14, 14, True, torch.float32)),
+        ("loss bwd normpix p14", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs, pred14, mask14, mask_sum, 14, True, False)),
+        ("loss bwd normpix+imgs p14", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs, pred14, mask14, mask_sum, 14, True, True)),
+        # the official pred[:, 1:, :]: 16-byte aligned at patch 16 (768 bf16 = 1536 B in), 8-byte
+        # aligned at patch 14 (588 bf16 = 1176 B in); fp32 at patch 14 (2352 B in: aligned)
+        ("loss fwd normpix pred[:, 1:]", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs, pred_slice, mask, p, True, torch.float32)),
+        ("loss bwd normpix pred[:, 1:]", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs, pred_slice, mask, mask_sum, p, True, False)),
+        ("loss fwd normpix p14 pred[:, 1:] (8-B aligned)", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs, pred14_slice, mask14, 14, True, torch.float32)),
+        ("loss bwd normpix p14 pred[:, 1:] (8-B aligned)", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs, pred14_slice, mask14, mask_sum, 14, True, False)),
+        ("loss fwd normpix p14 fp32 pred[:, 1:]", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs, pred14_fp32, mask14, 14, True, torch.float32)),
+        ("loss bwd normpix+imgs p14 fp32 pred[:, 1:]", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs, pred14_fp32, mask14, mask_sum, 14, True, True)),
         ("gemm bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
             imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32)),
         ("gemm fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
@@ -120,6 +151,16 @@ def launches():
         ("gemm bwd fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
             grad_tokens, imgs, ids_keep, weight.shape, torch.float32, torch.float32, torch.float32,
             torch.float32)),
+        ("gemm bf16 MMA p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
+            imgs, weight14, bias, pos_embed14, cls_token, ids_keep14, torch.bfloat16, torch.float32)),
+        ("gemm fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
+            imgs, weight14, bias, pos_embed14, cls_token, ids_keep14, torch.float32, torch.float32)),
+        ("gemm bwd bf16 MMA p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
+            grad_tokens14, imgs, ids_keep14, weight14.shape, torch.bfloat16, torch.float32,
+            torch.float32, torch.float32)),
+        ("gemm bwd fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
+            grad_tokens14, imgs, ids_keep14, weight14.shape, torch.float32, torch.float32,
+            torch.float32, torch.float32)),
     ]
     out, seen = [], set()
     for label, module, call in calls:
@@ -137,10 +178,20 @@ def launches():
 
 
 def _specialisation(a):
-    """What the JIT compiles a separate kernel for: the type, ints equal to 1, divisibility."""
+    """What the JIT compiles a separate kernel for: the type, ints equal to 1, divisibility,
+    pointer alignment."""
+    import torch
     if isinstance(a, int) and not isinstance(a, bool):
         return _arg_type(a), a == 1, a % 16 == 0
+    if isinstance(a, torch.Tensor):
+        return _arg_type(a), _aligned16(a)
     return _arg_type(a)
+
+
+def _aligned16(t) -> bool:
+    """Whether the tensor's data pointer is 16-byte aligned, as the JIT tests ``data_ptr() % 16``:
+    allocations are (at least 256-byte) aligned, so it is the storage offset that decides."""
+    return (t.storage_offset() * t.element_size()) % 16 == 0
 
 
 def _arg_type(a):
@@ -171,7 +222,7 @@ def _source(fn, args, kwargs):
             signature[name], constexprs[name] = "constexpr", 1
             continue
         signature[name] = ty
-        if isinstance(a, torch.Tensor) or (isinstance(a, int) and a % 16 == 0):
+        if (_aligned16(a) if isinstance(a, torch.Tensor) else isinstance(a, int) and a % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     for name in names[len(args):]:
         signature[name], constexprs[name] = "constexpr", kwargs[name]

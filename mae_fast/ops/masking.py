@@ -50,10 +50,23 @@ def _masking_cpp(noise, len_keep):
     return ids_keep, ids_restore, mask
 
 
+# The op ranks every element against its whole row: O(L^2) work per row (and, on CUDA, one row's
+# keys in one block's shared memory), against the argsort path's O(L log L). Rows longer than this
+# run the argsort path (the reference), for backend "auto" and "fast" alike: past the crossover
+# it *is* the fast path, and the op is never handed a row it refuses. docs/CUDA.md ("Long rows")
+# has the measurement (CPU) and the arithmetic (CUDA, an estimate: not measured on a GPU).
+RANK_MAX_L = {"cpu": 1024, "cuda": 1024}
+
+
+def rank_kernel_runs(device: torch.device, L: int) -> bool:
+    """Whether the rank kernel takes rows of length ``L`` on ``device`` (meta: shapes only, any L)."""
+    return device.type == "meta" or L <= RANK_MAX_L.get(device.type, 0)
+
+
 def masking_indices(noise, len_keep: int, *, backend="auto"):
     """noise (N, L) -> ids_keep (N, len_keep) int64, ids_restore (N, L) int64, mask (N, L) in the
     default float dtype, 1 = removed."""
     choice = choose(OP, noise.device, backend)
-    if choice.impl == "c++":
-        return _masking_cpp(noise, len_keep)
+    if choice.impl == "c++" and (noise.dim() != 2 or rank_kernel_runs(noise.device, noise.shape[1])):
+        return _masking_cpp(noise, len_keep)  # (a noise of another rank: the op's clear error)
     return reference.masking_indices(noise, len_keep)
