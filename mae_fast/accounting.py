@@ -338,13 +338,27 @@ def _el(t: torch.Tensor) -> int:
 
 def _checks_charge(ids: torch.Tensor, num_patches: int, distinct: bool = False) -> Charge:
     """The launches and bytes of ``ops._checks.check_ids`` on ids' shape (run on meta)."""
+    return _checks_charge_cached(tuple(ids.shape), ids.dtype, num_patches, distinct)
+
+
+@functools.lru_cache(maxsize=None)
+def _checks_charge_cached(shape, dtype, num_patches: int, distinct: bool) -> Charge:
     from .ops._checks import check_ids
-    meta_ids = torch.empty(ids.shape, dtype=ids.dtype, device="meta")
-    inner = TrafficCounter()
-    with inner:
-        check_ids(meta_ids, num_patches, "ids", distinct=distinct)
-    t = inner.total()
-    return Charge(sum(r.read for r in inner.log), sum(r.written for r in inner.log), t.ops)
+
+    def run():
+        meta_ids = torch.empty(shape, dtype=dtype, device="meta")
+        inner = TrafficCounter()
+        with inner:
+            check_ids(meta_ids, num_patches, "ids", distinct=distinct)
+        return Charge(sum(r.read for r in inner.log), sum(r.written for r in inner.log),
+                      sum(r.launches for r in inner.log))
+
+    # called from inside a dispatch handler, where the autograd keys are excluded and composite
+    # ops (diff, &) would reach the counter undecomposed: run on a fresh thread (fresh dispatch
+    # state), as the op body runs on CUDA
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(run).result()
 
 
 def _distinct_rows(ids: torch.Tensor, num_rows: int) -> int:
