@@ -12,7 +12,8 @@ How it counts (``TrafficCounter``, a ``TorchDispatchMode``):
   * every aten op that reaches the dispatcher is one launch and moves the bytes of its tensor
     inputs (read) plus its tensor outputs (written). A tensor's bytes are its distinct elements:
     broadcast (stride-0) dims count once. In-place ops count the mutated tensor as read and
-    written, except fills (``fill_``, ``zero_``), which only write. View ops, bare allocations
+    written, except fills (``fill_``, ``zero_``), which only write; ``out=`` buffers are only
+    written. View ops, bare allocations
     and host (CPU) ops of a meta step (the optimizer's step counters) launch nothing;
   * ``_foreach_*`` / ``_fused_*`` ops launch as many kernels as PyTorch's multi-tensor-apply
     makes (``multi_tensor_launches``), not one;
@@ -167,7 +168,11 @@ class Charge:
 def _flops_of(func, args, kwargs, out) -> int:
     """FLOPs of an aten / custom op from torch.utils.flop_counter's registry (0 if none)."""
     from torch.utils.flop_counter import flop_registry
-    formula = flop_registry.get(getattr(func, "_overloadpacket", None))
+    packet = getattr(func, "_overloadpacket", None)
+    formula = flop_registry.get(packet)
+    if formula is None and packet is not None and packet.__name__.endswith("_"):
+        # an in-place variant (addmm_, baddbmm_): the out-of-place op's formula
+        formula = flop_registry.get(getattr(torch.ops.aten, packet.__name__[:-1], None))
     if formula is None:
         return 0
     return int(formula(*args, **kwargs, out_val=out))
@@ -181,6 +186,12 @@ def _mutated_tensors(func, args, kwargs) -> List[torch.Tensor]:
             value = args[i] if i < len(args) else kwargs.get(arg.name)
             mutated += [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
     return mutated
+
+
+def _out_arguments(func, kwargs) -> List[torch.Tensor]:
+    """The ``out=`` tensors of an out variant (``mm.out``): written, never read."""
+    return [t for arg in func._schema.arguments if getattr(arg, "is_out", False)
+            for t in tree_flatten(kwargs.get(arg.name))[0] if isinstance(t, torch.Tensor)]
 
 
 class TrafficCounter(TorchDispatchMode):
@@ -289,8 +300,9 @@ class TrafficCounter(TorchDispatchMode):
                        + sum(tensor_bytes(t) for t in outs if not any(t is m for m in mutated)))
             if _base_name(func) in _WRITE_ONLY:
                 read, written = 0, tensor_bytes(args[0])
-            else:
-                read = sum(tensor_bytes(t) for t in ins)
+            else:  # an out= buffer is written, not read
+                outs_given = _out_arguments(func, kwargs)
+                read = sum(tensor_bytes(t) for t in ins if not any(t is o for o in outs_given))
             launches = 1
             if name.startswith(("aten::_foreach_", "aten::_fused_")):
                 lists = [a for a in args if isinstance(a, (list, tuple))
@@ -669,10 +681,13 @@ def instrument_mae(counter: TrafficCounter):
     if isinstance(noise, staticmethod):
         patches.append((model.MaskedAutoencoderViT, "_noise",
                         staticmethod(_in_region(counter, "masking", noise.__func__))))
-    counted_attend = _in_region(counter, "attention", attention.attend)
-    for mod in (layers, attention):
-        if mod.__dict__.get("attend") is attention.attend:
-            patches.append((mod, "attend", counted_attend))
+    # the qkv projection + attention (fused or plain) and any direct attend call
+    for fn_name in ("attend", "qkv_attention"):
+        fn = getattr(attention, fn_name)
+        counted = _in_region(counter, "attention", fn)
+        for mod in (layers, attention):
+            if mod.__dict__.get(fn_name) is fn:
+                patches.append((mod, fn_name, counted))
     with _patched(patches), flash_attention_counted(counter):
         yield counter
 
@@ -718,6 +733,20 @@ class MetaAutocast(TorchFunctionMode):
     def __init__(self, dtype=torch.bfloat16):
         super().__init__()
         self.dtype = dtype
+        self._saved = None
+
+    def __enter__(self):
+        # mae_fast.attention.qkv_attention makes autocast's casts itself: tell it autocast is on
+        from . import attention
+        self._saved = attention._autocast_dtype
+        attention._autocast_dtype = lambda device_type: self.dtype if device_type == "meta" \
+            else self._saved(device_type)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from . import attention
+        attention._autocast_dtype = self._saved
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
