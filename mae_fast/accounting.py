@@ -1097,6 +1097,20 @@ def roofline_table(arch, batch: int, precision: str, fast_backend: str = "fast",
     return "\n".join(lines)
 
 
+def top_ops(counter: TrafficCounter, n: int = 20, model: Roofline = H100) -> str:
+    """The ``n`` (phase, op) groups with the most modeled time: where the step goes."""
+    groups: Dict[Tuple[str, str], List[float]] = defaultdict(lambda: [0.0, 0, 0])
+    for r in counter.log:
+        g = groups[(r.phase, r.op)]
+        g[0] += model.op_time(r)
+        g[1] += r.launches
+        g[2] += r.bytes
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:n]
+    lines = ["| phase | op | modeled ms (estimate) | launches | GiB |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {phase} | `{op}` | {t * 1e3:.2f} | {k} | {b / GIB:.2f} |" for (phase, op), (t, k, b) in rows]
+    return "\n".join(lines)
+
+
 def glue_ops_listing(counter: TrafficCounter) -> str:
     rows = [f"{r.phase} {r.region:14s} {r.op:48s} {(r.read + r.written) / 2**20:10.2f} MiB"
             f"{'' if r.launches == 1 else f' ({r.launches} launches)'}"
@@ -1233,6 +1247,8 @@ def main(argv=None) -> int:
                     help="the three contenders (needs transformers) with the roofline estimate")
     ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
                     help="for --roofline: pure bf16 and/or bf16 autocast with fp32 master weights")
+    ap.add_argument("--top-ops", type=int, default=0, metavar="N",
+                    help="for --roofline: also list mae_fast's N most expensive (phase, op) groups")
     args = ap.parse_args(argv)
     for arch in args.models:
         if args.roofline:
@@ -1240,6 +1256,13 @@ def main(argv=None) -> int:
                 print(roofline_table(arch, args.batch, precision, args.fast_backend, args.mask_ratio,
                                      args.optimizer))
                 print()
+                if args.top_ops:
+                    model_dtype, _ = _model_dtype(precision)
+                    mae = build_meta_model(arch, args.fast_backend, model_dtype)
+                    counter = count_step(mae, args.batch, args.mask_ratio, optimizer=args.optimizer,
+                                         precision=precision)
+                    print(f"#### mae_fast, {_arch_name(arch)} {precision}: the {args.top_ops} most "
+                          f"expensive ops (roofline estimate)\n\n{top_ops(counter, args.top_ops)}\n")
             continue
         print(table(arch, args.batch, args.dtype, args.fast_backend, args.mask_ratio, args.optimizer))
         print()

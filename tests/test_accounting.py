@@ -1,5 +1,6 @@
 """The meta-tensor byte/launch counter (mae_fast.accounting), checked on cases whose bytes are
 worked out by hand here, and the table on a tiny model."""
+import collections
 import functools
 
 import pytest
@@ -195,8 +196,20 @@ def test_tiny_model_step(fast_backend):
     for region in ("encoder input", "decoder input", "loss"):
         fused = [r.op for r in log if r.phase == "fwd" and r.region == region]
         assert any(op.startswith("mae_fast::") for op in fused), (region, fused)
-    # the transformer body is the same ops on both paths
-    assert fast.total(("rest",)).bytes == official.total(("rest",)).bytes
+    # the transformer body is the same ops on both paths; they may differ only in how the
+    # gradient of pred = x[:, 1:] is handed back (torch 2.11 adds a copy_ of it on the official
+    # path, whose loss backward leaves a differently laid-out gradient)
+    handoff = {"aten::copy_", "aten::slice_backward"}
+
+    def body(counter):
+        return collections.Counter((r.phase, r.op, r.bytes) for r in counter.log
+                                   if r.region == "rest" and r.op.split(".")[0] not in handoff)
+
+    assert body(fast) == body(official)
+    N, L, P = 3, 16, 3 * 8 * 8
+    for counter in (fast, official):
+        extra = [r for r in counter.log if r.region == "rest" and r.op.split(".")[0] in handoff]
+        assert all(r.bytes <= 2 * N * (1 + L) * P * 2 for r in extra), extra
     assert fast.total(GLUE).bytes < official.total(GLUE).bytes
     assert fast.total(GLUE).ops < official.total(GLUE).ops
     # floor: image 3*3*32*32*2 + tokens; the fused glue cannot beat it
