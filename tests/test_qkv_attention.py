@@ -188,3 +188,26 @@ def test_accounting_shows_the_merge_gone():
     merge = 2 * 2 * 3 * B * M * C * 2  # stack + copy, each reads and writes dq, dk, dv
     extra = 2 * 2 * B * M * C * 2 + 2 * B * M * C * 2  # dx accumulated twice, x read twice more
     assert counts[False].total().bytes - counts[True].total().bytes == merge - extra
+
+
+def test_model_switch_and_info():
+    """``model.set_fused_blocks(False)`` gives the plain blocks (same loss and gradients) and
+    ``python -m mae_fast.info`` says which block implementation runs."""
+    from mae_fast import info
+    from mae_fast.model import MaskedAutoencoderViT
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=3,
+                               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+                               mlp_ratio=2.0, attn_backend="sdpa")
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    results = {}
+    for fused in (True, False):
+        mae.set_fused_blocks(fused)
+        assert all(b.attn.fused_qkv is fused for b in list(mae.blocks) + list(mae.decoder_blocks))
+        mae.zero_grad(set_to_none=True)
+        loss = mae(imgs, noise=noise)[0]
+        loss.backward()
+        results[fused] = [loss.detach()] + [p.grad for p in mae.parameters() if p.grad is not None]
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert "set_fused_blocks(False)" in info.report()
