@@ -344,8 +344,12 @@ class _QKVAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
+        if ctx.graph is None:
+            raise RuntimeError("mae_fast qkv_attention: a second backward through the same graph "
+                               "(retain_graph=True) is not supported by the fused path; use "
+                               "model.set_fused_blocks(False) (or Attention.fused_qkv = False)")
         out, q, k, v = ctx.graph
-        ctx.graph = None
+        ctx.graph = None  # the attention's graph (and the qkv buffer) is freed after this backward
         x, weight = ctx.saved_tensors
         B, M, C = x.shape
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)

@@ -211,3 +211,12 @@ def test_model_switch_and_info():
     for a, b in zip(results[True], results[False]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert "set_fused_blocks(False)" in info.report()
+
+
+def test_second_backward_is_a_clear_error():
+    lin = _pair(12, 3, torch.float32)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    out = attention.qkv_attention(x, lin, 3, 0.5, backend="sdpa").sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.backward()
