@@ -1084,7 +1084,7 @@ def roofline_table(arch, batch: int, precision: str, fast_backend: str = "fast",
     row("GiB moved", lambda n: _gib(est[n].bytes))
     row("kernel launches", lambda n: str(est[n].launches))
     row("TFLOP", lambda n: f"{est[n].flops / 1e12:.3f}")
-    row("attention region GiB (kernel + copies around it)",
+    row("attention region GiB (mae_fast, official: qkv projection + attention; HF: its SDPA call)",
         lambda n: _gib(results[n].total(("attention",)).bytes))
     row("**modeled step, ms (estimate)**", lambda n: f"**{est[n].time_s * 1e3:.1f}**")
     for kind in KINDS:
