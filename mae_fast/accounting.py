@@ -328,14 +328,6 @@ class TrafficCounter(TorchDispatchMode):
         return t
 
 
-def count_ops(fn, *args, removed_fraction=None, **kwargs) -> Tuple[object, TrafficCounter]:
-    """Run ``fn(*args, **kwargs)`` under a fresh counter -> (result, counter)."""
-    counter = TrafficCounter(removed_fraction=removed_fraction)
-    with counter:
-        result = fn(*args, **kwargs)
-    return result, counter
-
-
 # ---- what the custom ops' kernels move -------------------------------------------------------
 #
 # One function per torch.ops.mae_fast op: (counter, args, kwargs, out) -> Charge. Each is the
@@ -545,10 +537,6 @@ _register_flop_formulas()
 
 
 # ---- attention: the flash kernel as one charge, everything around it op by op ---------------
-
-# a region whose ops are replaced by an analytic count
-_SKIP = "<counted at the function level>"
-
 
 def flash_attention_bytes(B: int, M: int, C: int, H: int, elem: int) -> Tuple[int, int]:
     """(forward, backward) bytes of a flash-style attention on q, k, v (B, M, C), H heads, the

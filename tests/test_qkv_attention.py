@@ -211,6 +211,12 @@ def test_model_switch_and_info():
     for a, b in zip(results[True], results[False]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert "set_fused_blocks(False)" in info.report()
+    # what a whole step keeps for backward (its activation memory) does not grow
+    saved = {}
+    for fused in (True, False):
+        mae.set_fused_blocks(fused)
+        saved[fused], _ = _saved_bytes(lambda: mae(imgs, noise=noise)[0])
+    assert saved[True] <= saved[False]
 
 
 def test_second_backward_is_a_clear_error():
