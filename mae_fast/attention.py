@@ -246,6 +246,41 @@ def _check(qkv, num_heads) -> None:
         raise TypeError(f"qkv must be floating point, got {qkv.dtype}")
 
 
+def _resolve(qkv, num_heads: int, scale: float, backend: str, needs_grad: Optional[bool] = None):
+    """Which implementation runs attention on this qkv -> (impl, xops or None); xformers falls
+    back to sdpa (auto, with a warning) or raises (asked for) when its dispatcher rejects the
+    inputs (for the forward, and the backward when ``needs_grad``: by default whether qkv
+    requires grad)."""
+    impl = choose("attention", qkv.device, backend).impl
+    if impl != "xformers":
+        return impl, None
+    xops = _load_xformers()[0]
+    q, k, v = _split_bmhk(qkv, num_heads)  # (B, M, H, K) views
+    if needs_grad is None:
+        needs_grad = qkv.requires_grad and torch.is_grad_enabled()
+    rejected = _xformers_rejection(xops, q, k, v, scale, needs_grad)
+    if rejected is None:
+        return "xformers", xops
+    if check_attn_backend(backend) != "auto" or _env_backend() is not None:
+        raise RuntimeError(f"attention backend 'xformers' asked for, but {rejected}")
+    _warn_once(rejected)
+    return "sdpa", None
+
+
+def _split(impl: str, qkv, num_heads: int):
+    """q, k, v views of qkv in the layout ``impl`` takes: BMHK for xformers, BHMK otherwise."""
+    return _split_bmhk(qkv, num_heads) if impl == "xformers" else _split_bhmk(qkv, num_heads)
+
+
+def _run(impl: str, xops, q, k, v, scale: float):
+    """Attention of q, k, v (in ``_split``'s layout for impl) -> (B, M, C)."""
+    if impl == "xformers":
+        return _xformers_attention(xops, q, k, v, scale)
+    if impl == "math":
+        return _math_attention(q, k, v, scale)[0]
+    return _sdpa_attention(q, k, v, scale)
+
+
 def attend(qkv, num_heads: int, scale: float, *, backend: str = "auto", return_attn: bool = False):
     """Multi-head self-attention of the qkv projection.
 
@@ -255,22 +290,121 @@ def attend(qkv, num_heads: int, scale: float, *, backend: str = "auto", return_a
     _check(qkv, num_heads)
     if return_attn:
         return _math_attention(*_split_bhmk(qkv, num_heads), scale)
-    impl = choose("attention", qkv.device, backend).impl
+    impl, xops = _resolve(qkv, num_heads, scale, backend)
+    return _run(impl, xops, *_split(impl, qkv, num_heads), scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# qkv projection + attention without the d(qkv) merge in backward
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device_type`` tensors, or None."""
+    if device_type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _head_rows(g, impl: str):
+    """A gradient of q / k / v in ``_split``'s layout -> (B*M, C): a view when its memory is
+    (B, M, H, K) (flash and xformers write it so), a copy otherwise (e.g. CPU math)."""
     if impl == "xformers":
-        xops = _load_xformers()[0]
-        q, k, v = _split_bmhk(qkv, num_heads)  # (B, M, H, K) views
-        needs_grad = qkv.requires_grad and torch.is_grad_enabled()
-        rejected = _xformers_rejection(xops, q, k, v, scale, needs_grad)
-        if rejected is None:
-            return _xformers_attention(xops, q, k, v, scale)
-        if check_attn_backend(backend) != "auto" or _env_backend() is not None:
-            raise RuntimeError(f"attention backend 'xformers' asked for, but {rejected}")
-        _warn_once(rejected)
-        impl = "sdpa"
-    q, k, v = _split_bhmk(qkv, num_heads)  # (B, H, M, K) views
-    if impl == "math":
-        return _math_attention(q, k, v, scale)[0]
-    return _sdpa_attention(q, k, v, scale)
+        B, M, H, K = g.shape
+        return g.reshape(B * M, H * K)
+    B, H, M, K = g.shape
+    return g.transpose(1, 2).reshape(B * M, H * K)
+
+
+class _QKVAttention(torch.autograd.Function):
+    """out = attention(split(x @ W^T + b)), x (B, M, C), W (3C, C), b (3C,) -> (B, M, C).
+
+    Backward: dq, dk, dv come from the attention's own backward (``torch.autograd.grad`` on the
+    graph built in forward on detached q, k, v views), each in the memory the attention kernel
+    wrote, and the projection's gradients are taken from them directly, never merged into one
+    d(qkv) (autograd's plain path stacks them and copies the stack back to (B, M, 3C)):
+      dW (3C, C): three GEMMs dq^T x, dk^T x, dv^T x into row slices of one buffer;
+      db (3C,):   three column sums into slices of one buffer;
+      dx (B, M, C): dq Wq + dk Wk + dv Wv, one GEMM then two accumulating ones.
+    Saved for backward: x and W (what the linear's backward saves) and the attention's own
+    graph (q, k, v views of the qkv buffer, out, log-sum-exp: what the plain path saves)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_heads: int, scale: float, backend: str):
+        qkv = F.linear(x, weight, bias)  # (B, M, 3C)
+        impl, xops = _resolve(qkv, num_heads, scale, backend, needs_grad=True)
+        q, k, v = (t.detach().requires_grad_() for t in _split(impl, qkv, num_heads))
+        with torch.enable_grad():
+            out = _run(impl, xops, q, k, v, scale)  # (B, M, C)
+        ctx.graph = (out, q, k, v)
+        ctx.impl = impl
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        if ctx.graph is None:
+            raise RuntimeError("mae_fast qkv_attention: a second backward through the same graph "
+                               "(retain_graph=True) is not supported by the fused path; use "
+                               "model.set_fused_blocks(False) (or Attention.fused_qkv = False)")
+        out, q, k, v = ctx.graph
+        ctx.graph = None  # the attention's graph (and the qkv buffer) is freed after this backward
+        x, weight = ctx.saved_tensors
+        B, M, C = x.shape
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+        rows = [_head_rows(g, ctx.impl) for g in (dq, dk, dv)]  # 3 x (B*M, C)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_x:
+            dx = torch.mm(rows[0], weight[:C])  # (B*M, C)
+            dx.addmm_(rows[1], weight[C:2 * C])
+            dx.addmm_(rows[2], weight[2 * C:])
+            dx = dx.view(B, M, C)
+        if need_w:
+            x2d = x.reshape(B * M, C)
+            dw = weight.new_empty(weight.shape)  # (3C, C)
+            for i, g in enumerate(rows):
+                torch.mm(g.t(), x2d, out=dw[i * C:(i + 1) * C])
+        if need_b and ctx.has_bias:
+            db = weight.new_empty(3 * C)
+            for i, g in enumerate(rows):
+                torch.sum(g, 0, out=db[i * C:(i + 1) * C])
+        return dx, dw, db, None, None, None
+
+
+def qkv_attention(x, qkv, num_heads: int, scale: float, *, backend: str = "auto", fused: bool = True):
+    """The qkv projection ``qkv`` (an ``nn.Linear(C, 3C)``) of x (B, M, C) and attention -> (B, M, C).
+
+    ``fused=True`` (default) runs ``_QKVAttention``, whose backward never forms d(qkv), when it
+    can: a plain ``nn.Linear`` without hooks, a fused backend (sdpa / xformers), gradients
+    wanted, not under torch.compile (which traces the plain path and derives its own
+    backward). Otherwise the plain path: ``attend(qkv(x), ...)``. Both compute the same math.
+    """
+    if not (fused and type(qkv) is torch.nn.Linear and not (qkv._forward_hooks or qkv._forward_pre_hooks)
+            and torch.is_grad_enabled() and (x.requires_grad or qkv.weight.requires_grad)
+            and isinstance(x, torch.Tensor) and x.dim() == 3 and not torch.compiler.is_compiling()):
+        return attend(qkv(x), num_heads, scale, backend=backend)
+    weight, bias = qkv.weight, qkv.bias
+    B, M, C = x.shape
+    if weight.shape != (3 * C, C) or C % num_heads:
+        raise ValueError(f"qkv must map C={C} channels to 3C with C divisible by num_heads={num_heads}, "
+                         f"got weight {tuple(weight.shape)}")
+    if choose("attention", x.device, backend).impl == "math":  # the oracle: the plain path
+        return attend(qkv(x), num_heads, scale, backend=backend)
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is not None:  # autocast's casts, made here (recorded by autograd, as autocast's are)
+        cast = lambda t: t.to(dtype) if t is not None and t.dtype != torch.float64 else t  # noqa: E731
+        x, weight, bias = cast(x), cast(weight), cast(bias)
+    with _autocast_off(x.device.type):
+        return _QKVAttention.apply(x, weight, bias, num_heads, scale, backend)
+
+
+def _autocast_off(device_type: str):
+    import contextlib
+    if device_type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------

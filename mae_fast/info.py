@@ -41,6 +41,10 @@ def report(backend: str = "auto") -> str:
                 lines.append(f"    {op:20s} {c.impl:10s} {c.reason}")
             except Exception as e:
                 lines.append(f"    {op:20s} {'ERROR':10s} {e}")
+    lines += ["", "blocks: qkv projection + attention as one autograd function whose backward never merges "
+              "dq, dk, dv into d(qkv) (mae_fast.attention.qkv_attention), where attention runs sdpa or "
+              "xformers with gradients and not under torch.compile; model.set_fused_blocks(False) "
+              "gives the plain blocks"]
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@ unchanged) and no timm dependency. Attention goes through ``mae_fast.attention.a
 import torch
 import torch.nn as nn
 
-from .attention import attend
+from .attention import attend, qkv_attention
 
 
 def to_2tuple(x):
@@ -46,11 +46,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend = "auto"  # attention backend; the model sets it (see mae_fast.attention)
+        # True: the qkv projection's backward takes dq, dk, dv from the attention's backward
+        # without merging them into d(qkv) (mae_fast.attention.qkv_attention); False: plain
+        self.fused_qkv = True
 
     def forward(self, x, return_attn: bool = False):
-        qkv = self.qkv(x)  # (B, M, 3*C)
-        out = attend(qkv, self.num_heads, self.scale, backend=self.backend, return_attn=return_attn)
-        x, attn = out if return_attn else (out, None)
+        if return_attn:
+            x, attn = attend(self.qkv(x), self.num_heads, self.scale, backend=self.backend, return_attn=True)
+        else:
+            x, attn = qkv_attention(x, self.qkv, self.num_heads, self.scale, backend=self.backend,
+                                    fused=self.fused_qkv), None  # (B, M, C)
         x = self.proj_drop(self.proj(x))  # (B, M, C)
         return (x, attn) if return_attn else x
 

@@ -70,6 +70,13 @@ class MaskedAutoencoderViT(nn.Module):
         for blk in list(self.blocks) + list(self.decoder_blocks):
             blk.attn.backend = attn_backend
 
+    def set_fused_blocks(self, fused: bool = True):
+        """True (default): every block's qkv projection + attention runs
+        ``mae_fast.attention.qkv_attention``'s fused backward (no d(qkv) merge); False: the plain
+        blocks, for A/B comparisons. Same math either way."""
+        for blk in list(self.blocks) + list(self.decoder_blocks):
+            blk.attn.fused_qkv = bool(fused)
+
     def initialize_weights(self):
         # initialization
         # initialize (and freeze) pos_embed by sin-cos embedding
