@@ -20,10 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DataError, ImageFolder, stack
-
-
-class UsageError(ValueError):
-    pass
+from .recipes import UsageError, build_model, default_cpu_threads
 
 
 def digits_images(input_size: int):
@@ -94,7 +91,6 @@ def _one_blas_thread():
 def compare_with_random_init(model, model_name: str, input_size: int, seed: int, device, *,
                              norm_pix_loss=False, backend="auto", pool="mean", data_path=None, out=print):
     """Probe ``model`` and a fresh ``model_name`` built after ``torch.manual_seed(seed)``."""
-    from .pretrain import build_model
     imgs, labels = digits_images(input_size) if data_path is None else folder_images(data_path, input_size)
     data = "digits" if data_path is None else data_path
     cpu_state = torch.get_rng_state()
@@ -127,7 +123,6 @@ def build_parser():
 
 def main(argv=None) -> int:
     from .checkpoint import load_official_checkpoint, read_state_dict
-    from .pretrain import build_model
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
@@ -147,10 +142,9 @@ def main(argv=None) -> int:
             raise UsageError("the checkpoint has no 'args': pass --model and --input-size")
         seed = args.seed if args.seed is not None else int(saved.get("seed", 0))
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        from .pretrain import MODELS
         threads = args.num_threads
-        if threads is None and device.type == "cpu" and model_name in MODELS:
-            threads = MODELS[model_name][1].get("cpu_threads")
+        if threads is None and device.type == "cpu":
+            threads = default_cpu_threads(model_name)
         if threads is not None:
             torch.set_num_threads(threads)
         model = build_model(model_name, int(input_size), bool(saved.get("norm_pix_loss", False)))
