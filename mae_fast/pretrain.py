@@ -47,7 +47,7 @@ from .train.log import RunLog, progress_bar
 from .train.seeds import mask_noise, rng_state, sample_seed, seed_process, set_rng_state  # noqa: F401
 from .train.state import (Checkpointer, checkpoint_dict, load_resume, resume_path,  # noqa: F401
                           resume_training, save_checkpoint)
-from .train.step import TrainingError, TrainStep, build_optimizer
+from .train.step import TrainingError, TrainStep, build_optimizer, set_learning_rate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=None, help="[model]")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--clip-grad", type=float, default=None, help="max grad norm (official: none)")
+    g.add_argument("--max-bad-steps", type=int, default=3,
+                   help="stop after this many consecutive updates with a non-finite loss or gradient "
+                        "(each is skipped and counted; the last good checkpoint is kept)")
     g.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
                    help="autocast dtype (auto: bf16 on a GPU that has it, fp16 on other GPUs, none on CPU); "
                         "fp16 uses a grad scaler")
@@ -122,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at the end, linear probe on digits: pretrained vs random-init encoder")
     # for tests: stop like `kill -9` after N iterations of this process (no checkpoint, no picture)
     p.add_argument("--simulate-kill-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    # for tests: NaN images at these global iterations (comma-separated)
+    p.add_argument("--simulate-nan-at-steps", type=_int_set, default=frozenset(), help=argparse.SUPPRESS)
     return p
+
+
+def _int_set(text: str) -> frozenset:
+    return frozenset(int(v) for v in text.split(",") if v.strip())
 
 
 def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
@@ -151,6 +160,7 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
          "a checkpoint holds no half-accumulated gradient"),
         (args.save_freq > 0, f"--save-freq must be > 0, got {args.save_freq}"),
         (args.log_every > 0, f"--log-every must be > 0, got {args.log_every}"),
+        (args.max_bad_steps > 0, f"--max-bad-steps must be > 0, got {args.max_bad_steps}"),
         (args.num_preview >= 0, f"--num-preview must be >= 0, got {args.num_preview}"),
         (args.num_workers is None or args.num_workers >= 0, "--num-workers must be >= 0"),
         (args.clip_grad is None or args.clip_grad > 0, "--clip-grad must be > 0"),
@@ -195,14 +205,6 @@ def init_distributed(device_arg):
     return rank, world_size, local_rank, device, distributed
 
 
-def all_reduce_mean(value: float, device, distributed: bool) -> float:
-    if not distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 # ---------------------------------------------------------------------------------------------
 # the run
 def train(args) -> int:
@@ -235,7 +237,7 @@ def _train(args, rank, world_size, device, distributed) -> int:
     torch.manual_seed(args.seed)
     model_without_ddp = build_model(args.model, args.input_size, args.norm_pix_loss, args.backend).to(device)
     seed_process(args.seed + rank)
-    optimizer = build_optimizer(model_without_ddp, args)
+    optimizer = build_optimizer(model_without_ddp, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, start_step = 0, 0
@@ -253,12 +255,13 @@ def _train(args, rank, world_size, device, distributed) -> int:
     _print_header(say, args, model_without_ddp, data_desc, device, world_size, amp_dtype, amp_reason,
                   num_workers, steps_per_epoch)
     preview = _preview(args, dataset, model_without_ddp, device) if is_main else None
-    log = RunLog(args.output_dir, is_main,
-                 resume_step=start_epoch * steps_per_epoch + start_step if resume else None)
+    log = RunLog(args.output_dir, is_main, resume_step=start_epoch * steps_per_epoch + start_step if resume else None,
+                 fields=("epoch", "step", "loss", "lr", "img_per_s", "bad_steps"))
     run = SimpleNamespace(
         args=args, rank=rank, device=device, distributed=distributed, is_main=is_main, say=say, log=log,
         model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, batches=batches, loader=loader,
         step=TrainStep(model, optimizer, scaler, amp_dtype, device, args, distributed),
+        t_window=0.0, window_images=0,
         checkpointer=Checkpointer(args, model_without_ddp, optimizer, scaler, steps_per_epoch, is_main),
         images_per_iter=args.batch_size * world_size, iterations_run=0, first_loss=None, lr=args.lr)
 
@@ -327,40 +330,29 @@ def _preview(args, dataset, model, device):
 
 
 def _run_epoch(run, epoch: int, skip: int):
-    """Iterations ``skip``.. of ``epoch``; returns the epoch's mean loss (None: simulated kill)."""
+    """Iterations ``skip``.. of ``epoch``; returns the epoch's mean loss (None: simulated kill).
+    The host reads device values only at log rows, checkpoints and the end of the epoch."""
     args, spe = run.args, run.batches.steps_per_epoch
     run.batches.set_epoch(epoch, skip)
     run.model.train(True)
     run.optimizer.zero_grad(set_to_none=True)
     bar = progress_bar(spe, skip, f"epoch {epoch + 1}/{args.epochs}", disable=not run.is_main or args.no_progress)
     num_patches = run.model_without_ddp.patch_embed.num_patches
-    loss_sum, loss_count = 0.0, 0
-    t_epoch = t_window = time.perf_counter()
-    window_images = 0
+    t_epoch = run.t_window = time.perf_counter()
+    run.window_images = 0
     for it, imgs in enumerate(run.loader, start=skip):
         step = epoch * spe + it
         if it % args.accum_iter == 0:
-            run.lr = lr_sched.adjust_learning_rate(run.optimizer, it / spe + epoch, args.lr, args.min_lr,
-                                                   args.warmup_epochs, args.epochs)
+            run.lr = set_learning_rate(run.optimizer, it / spe + epoch, args)
         imgs = imgs.to(run.device, non_blocking=True)
+        if step in args.simulate_nan_at_steps:
+            imgs = torch.full_like(imgs, float("nan"))
         noise = mask_noise(args.seed, run.rank, step, imgs.shape[0], num_patches, run.device)
-        loss_value = run.step(imgs, noise, it, f"epoch {epoch}, iteration {it}")
+        run.step(imgs, noise, it, step)
         run.iterations_run += 1
-        window_images += run.images_per_iter
-        loss_sum += loss_value
-        loss_count += 1
-
+        run.window_images += run.images_per_iter
         if (it + 1) % args.log_every == 0 or it == skip or it + 1 == spe:
-            loss_mean = all_reduce_mean(loss_value, run.device, run.distributed)
-            now = time.perf_counter()
-            img_s = window_images / max(now - t_window, 1e-9)
-            t_window, window_images = now, 0
-            if run.first_loss is None:
-                run.first_loss = loss_mean
-            run.log.row(step, {"train_loss": loss_mean, "lr": run.lr}, epoch=epoch, loss=f"{loss_mean:.6f}",
-                        lr=f"{run.lr:.6g}", img_per_s=f"{img_s:.1f}")
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{run.lr:.2e}", img_s=f"{img_s:.0f}")
+            _log_row(run, epoch, step, bar)
         if bar is not None:
             bar.update(1)
 
@@ -370,14 +362,43 @@ def _run_epoch(run, epoch: int, skip: int):
             run.say(f"(simulated kill after {run.iterations_run} iterations)")
             return None
         if run.checkpointer.due_mid_epoch(it):
+            _check_bad_steps(run)  # never overwrite the last good checkpoint after a bad streak
             run.checkpointer.save_mid_epoch(epoch, it + 1)
     if bar is not None:
         bar.close()
-    epoch_loss = all_reduce_mean(loss_sum / max(loss_count, 1), run.device, run.distributed)
+    epoch_loss, loss_count = run.step.read_epoch()
+    bad_total = _check_bad_steps(run)
     epoch_time = time.perf_counter() - t_epoch
+    skipped = f", {bad_total} non-finite updates skipped so far" if bad_total else ""
     run.say(f"epoch {epoch + 1}/{args.epochs}: loss {epoch_loss:.4f} (mean of {loss_count} it), "
-            f"lr {run.lr:.3g}, {loss_count * run.images_per_iter / epoch_time:.0f} img/s, {epoch_time:.1f} s")
+            f"lr {run.lr:.3g}, {(spe - skip) * run.images_per_iter / epoch_time:.0f} img/s, {epoch_time:.1f} s"
+            f"{skipped}")
     return epoch_loss
+
+
+def _log_row(run, epoch: int, step: int, bar) -> None:
+    """One log.csv / TensorBoard row: the mean loss since the last row (one host read)."""
+    loss_mean = run.step.read_window()
+    bad_total = _check_bad_steps(run)
+    now = time.perf_counter()
+    img_s = run.window_images / max(now - run.t_window, 1e-9)
+    run.t_window, run.window_images = now, 0
+    if run.first_loss is None:
+        run.first_loss = loss_mean
+    run.log.row(step, {"train_loss": loss_mean, "lr": run.lr}, epoch=epoch, loss=f"{loss_mean:.6f}",
+                lr=f"{run.lr:.6g}", img_per_s=f"{img_s:.1f}", bad_steps=bad_total)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{run.lr:.2e}", img_s=f"{img_s:.0f}")
+
+
+def _check_bad_steps(run) -> int:
+    """Total skipped updates so far; TrainingError once --max-bad-steps of them came in a row."""
+    total, longest, start = run.step.bad_steps()
+    if longest >= run.args.max_bad_steps:
+        raise TrainingError(
+            f"{longest} consecutive updates had a non-finite loss or gradient (the first at global iteration "
+            f"{start}; {total} skipped in all); stopping. Last good checkpoint: {run.checkpointer.last_saved}")
+    return total
 
 
 def _end_epoch(run, epoch: int, epoch_loss: float, preview) -> None:

@@ -125,6 +125,7 @@ class Checkpointer:
         self.steps_per_epoch = steps_per_epoch
         self.enabled = enabled
         self.last_path = os.path.join(args.output_dir, LAST)
+        self.last_saved = "none written by this run"
 
     def _dict(self, epoch_done, step_in_epoch):
         global_step = (epoch_done + 1) * self.steps_per_epoch + step_in_epoch
@@ -139,11 +140,13 @@ class Checkpointer:
     def save_mid_epoch(self, epoch: int, steps_done: int) -> None:
         if self.enabled:
             save_checkpoint(self.last_path, self._dict(epoch - 1, steps_done))
+            self.last_saved = f"{self.last_path} (epoch {epoch + 1}, after iteration {steps_done})"
 
     def save_epoch_end(self, epoch: int) -> None:
         if not self.enabled:
             return
         ckpt = self._dict(epoch, 0)
         save_checkpoint(self.last_path, ckpt)
+        self.last_saved = f"{self.last_path} (end of epoch {epoch + 1})"
         if (epoch + 1) % self.args.save_freq == 0 or epoch + 1 == self.args.epochs:
             save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch}.pth"), ckpt)
