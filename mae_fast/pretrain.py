@@ -93,11 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=None, help="[model]")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--clip-grad", type=float, default=None, help="max grad norm (official: none)")
+    g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused AdamW kernel (default: where this torch has one for the device, CPU included; "
+                        "--no-fused-adamw: the for-each implementation)")
     g.add_argument("--max-bad-steps", type=int, default=3,
                    help="stop after this many consecutive updates with a non-finite loss or gradient "
                         "(each is skipped and counted; the last good checkpoint is kept)")
     g.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
-                   help="autocast dtype (auto: bf16 on a GPU that has it, fp16 on other GPUs, none on CPU); "
+                   help="autocast dtype (auto: bf16 on a GPU that has it, fp16 on other GPUs; on a CPU bf16 "
+                        "when it has native bf16 and the model is wide enough to gain, else none); "
                         "fp16 uses a grad scaler")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None,
@@ -222,7 +226,7 @@ def _train(args, rank, world_size, device, distributed) -> int:
     args = resolve_args(args, world_size)
     is_main = rank == 0
     say = print_on(is_main)
-    amp_dtype, amp_reason = _setup_device(args, device)
+    _setup_threads(args, device)
     os.makedirs(args.output_dir, exist_ok=True)
 
     # data first: a bad --data-path fails before anything is built
@@ -237,7 +241,13 @@ def _train(args, rank, world_size, device, distributed) -> int:
     torch.manual_seed(args.seed)
     model_without_ddp = build_model(args.model, args.input_size, args.norm_pix_loss, args.backend).to(device)
     seed_process(args.seed + rank)
-    optimizer = build_optimizer(model_without_ddp, args, device)
+    amp_dtype, amp_reason = resolve_amp(args.amp, device, width=model_without_ddp.cls_token.shape[-1])
+    if amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--amp bf16 but this GPU has no bfloat16; use --amp fp16")
+    try:
+        optimizer = build_optimizer(model_without_ddp, args, device)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, start_step = 0, 0
@@ -252,7 +262,7 @@ def _train(args, rank, world_size, device, distributed) -> int:
     num_workers = args.num_workers if args.num_workers is not None else default_num_workers(device, world_size)
     loader = build_loader(dataset, batches, num_workers, device)
 
-    _print_header(say, args, model_without_ddp, data_desc, device, world_size, amp_dtype, amp_reason,
+    _print_header(say, args, model_without_ddp, optimizer, data_desc, device, world_size, amp_dtype, amp_reason,
                   num_workers, steps_per_epoch)
     preview = _preview(args, dataset, model_without_ddp, device) if is_main else None
     log = RunLog(args.output_dir, is_main, resume_step=start_epoch * steps_per_epoch + start_step if resume else None,
@@ -283,7 +293,7 @@ def _train(args, rank, world_size, device, distributed) -> int:
             f"loss {run.first_loss:.4f} (first logged) -> {epoch_loss:.4f} (last epoch mean)")
     if args.linprobe and is_main:
         compare_with_random_init(model_without_ddp, args.model, args.input_size, args.seed, device,
-                                 norm_pix_loss=args.norm_pix_loss, backend=args.backend)
+                                 norm_pix_loss=args.norm_pix_loss, backend=args.backend, amp_dtype=amp_dtype)
     return 0
 
 
@@ -294,19 +304,15 @@ def print_on(is_main: bool):
     return say
 
 
-def _setup_device(args, device):
-    """CPU threads for this run and the autocast dtype (with the reason the header prints)."""
+def _setup_threads(args, device):
+    """CPU threads for this run (--num-threads, or the model's default on CPU)."""
     if args.num_threads is None and device.type == "cpu":
         args.num_threads = default_cpu_threads(args.model)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    amp_dtype, amp_reason = resolve_amp(args.amp, device)
-    if amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError("--amp bf16 but this GPU has no bfloat16; use --amp fp16")
-    return amp_dtype, amp_reason
 
 
-def _print_header(say, args, model, data_desc, device, world_size, amp_dtype, amp_reason, num_workers,
+def _print_header(say, args, model, optimizer, data_desc, device, world_size, amp_dtype, amp_reason, num_workers,
                   steps_per_epoch):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"mae-fast pretrain: {args.model} ({n_params / 1e6:.2f}M params), {args.input_size}px, "
@@ -316,7 +322,8 @@ def _print_header(say, args, model, data_desc, device, world_size, amp_dtype, am
         f"{torch.get_num_threads()} CPU threads, {num_workers} loader workers")
     say(f"batch {args.batch_size} x accum {args.accum_iter} x {world_size} = {args.eff_batch_size}, "
         f"lr {args.lr:.3g} (blr {args.blr:.3g} x {args.eff_batch_size}/256), wd {args.weight_decay}, "
-        f"warmup {args.warmup_epochs} + cosine to epoch {args.epochs}, {steps_per_epoch} it/epoch")
+        f"warmup {args.warmup_epochs} + cosine to epoch {args.epochs}, {steps_per_epoch} it/epoch, "
+        f"{'fused' if optimizer.defaults.get('fused') else 'for-each'} AdamW")
     say(f"output: {os.path.abspath(args.output_dir)}")
 
 

@@ -140,3 +140,13 @@ def test_too_many_bad_steps_stop_and_keep_the_last_good_checkpoint(tmp_path, cap
     assert kept["epoch"] == 0 and kept["step_in_epoch"] == 0
     for k, v in first_epoch["model"].items():
         torch.testing.assert_close(kept["model"][k], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flag, fused", [([], None), (["--fused-adamw"], True), (["--no-fused-adamw"], False)])
+def test_fused_adamw_flag(tmp_path, capsys, flag, fused):
+    out = tmp_path / "run"
+    assert pretrain.main(TINY + ["--output-dir", str(out), "--epochs", "1", *flag]) == 0
+    groups = torch.load(out / "checkpoint-last.pth", weights_only=True)["optimizer"]["param_groups"]
+    expect = fused_adamw_supported(torch.device("cpu")) if fused is None else fused
+    assert all(bool(g["fused"]) == expect for g in groups)
+    assert ("fused AdamW" if expect else "for-each AdamW") in capsys.readouterr().out
