@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=int, default=None, help="image side in pixels [model]")
     g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
     g.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised pixels as target")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each encoder/decoder block in the backward pass instead of keeping its "
+                        "activations (less memory, about one more forward per step)")
     g.add_argument("--backend", default="auto", choices=("auto", "reference", "fast"),
                    help="mae_fast op backend (auto: fused kernels where they run)")
     g = p.add_argument_group("optimisation")
@@ -241,6 +244,7 @@ def _train(args, rank, world_size, device, distributed) -> int:
     torch.manual_seed(args.seed)
     model_without_ddp = build_model(args.model, args.input_size, args.norm_pix_loss, args.backend).to(device)
     seed_process(args.seed + rank)
+    model_without_ddp.set_grad_checkpointing(args.grad_checkpointing)
     amp_dtype, amp_reason = resolve_amp(args.amp, device, width=model_without_ddp.cls_token.shape[-1])
     if amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--amp bf16 but this GPU has no bfloat16; use --amp fp16")
