@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each encoder/decoder block in the backward pass instead of keeping its "
                         "activations (less memory, about one more forward per step)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fullgraph) for the training step; the compile time is printed once")
+    g.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode; reduce-overhead on CUDA (CUDA graphs) also makes AdamW capturable "
+                        "with a tensor lr, so the schedule is not frozen into a graph")
+    g.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager, eager)")
     g.add_argument("--backend", default="auto", choices=("auto", "reference", "fast"),
                    help="mae_fast op backend (auto: fused kernels where they run)")
     g = p.add_argument_group("optimisation")
@@ -249,7 +255,7 @@ def _train(args, rank, world_size, device, distributed) -> int:
     if amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--amp bf16 but this GPU has no bfloat16; use --amp fp16")
     try:
-        optimizer = build_optimizer(model_without_ddp, args, device)
+        optimizer = build_optimizer(model_without_ddp, args, device, capturable=_cuda_graphs(args, device))
     except ValueError as e:
         raise UsageError(str(e)) from e
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -263,6 +269,7 @@ def _train(args, rank, world_size, device, distributed) -> int:
     if distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = _compile(args, model) if args.compile else None
     num_workers = args.num_workers if args.num_workers is not None else default_num_workers(device, world_size)
     loader = build_loader(dataset, batches, num_workers, device)
 
@@ -274,7 +281,8 @@ def _train(args, rank, world_size, device, distributed) -> int:
     run = SimpleNamespace(
         args=args, rank=rank, device=device, distributed=distributed, is_main=is_main, say=say, log=log,
         model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, batches=batches, loader=loader,
-        step=TrainStep(model, optimizer, scaler, amp_dtype, device, args, distributed),
+        step=TrainStep(model, optimizer, scaler, amp_dtype, device, args, distributed, forward=forward,
+                       report_first=_report_compile(say, args) if args.compile else None),
         t_window=0.0, window_images=0,
         checkpointer=Checkpointer(args, model_without_ddp, optimizer, scaler, steps_per_epoch, is_main),
         images_per_iter=args.batch_size * world_size, iterations_run=0, first_loss=None, lr=args.lr)
@@ -314,6 +322,28 @@ def _setup_threads(args, device):
         args.num_threads = default_cpu_threads(args.model)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
+
+
+def _cuda_graphs(args, device) -> bool:
+    """--compile-mode reduce-overhead on CUDA captures CUDA graphs: the optimizer must be capturable."""
+    return args.compile and args.compile_mode == "reduce-overhead" and device.type == "cuda"
+
+
+def _compile(args, model):
+    """The compiled training forward (the weights stay those of ``model``; checkpoints, pictures and
+    probes use the uncompiled module). Compilation itself happens at the first step."""
+    try:
+        return torch.compile(model, fullgraph=True, mode=None if args.compile_mode == "default" else args.compile_mode,
+                             backend=args.compile_backend)
+    except Exception as e:  # unknown backend, mode not supported by the backend
+        raise UsageError(f"--compile: {type(e).__name__}: {e}") from e
+
+
+def _report_compile(say, args):
+    def report(seconds):
+        say(f"torch.compile (fullgraph, backend {args.compile_backend}, mode {args.compile_mode}): "
+            f"first iteration, compile included, took {seconds:.1f} s")
+    return report
 
 
 def _print_header(say, args, model, optimizer, data_desc, device, world_size, amp_dtype, amp_reason, num_workers,

@@ -16,6 +16,7 @@ Nothing here reads a device value on the host, so on a GPU the CPU runs ahead of
   not counted); a non-finite loss is counted as above.
 """
 import contextlib
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,9 +48,11 @@ def build_optimizer(model, args, device: torch.device, capturable: bool = False)
     if want and not supported:
         raise ValueError(f"--fused-adamw: this torch has no fused AdamW on {device.type}")
     fused = supported if want is None else bool(want)
-    kwargs = dict(lr=torch.tensor(args.lr, device=device), capturable=True) if capturable else dict(lr=args.lr)
-    return torch.optim.AdamW(lr_sched.param_groups_weight_decay(model, args.weight_decay),
-                             betas=(0.9, 0.95), fused=fused, foreach=None if fused else True, **kwargs)
+    groups = lr_sched.param_groups_weight_decay(model, args.weight_decay)
+    if capturable:  # one lr tensor per group (a shared one would take the last group's lr_scale)
+        groups = [dict(g, lr=torch.tensor(float(args.lr), device=device)) for g in groups]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused, capturable=capturable,
+                             foreach=None if fused else True)
 
 
 def set_learning_rate(optimizer, fractional_epoch: float, args) -> float:
@@ -89,8 +92,10 @@ class NonFiniteSteps:
 class TrainStep:
     """``step(imgs, noise, it, step)``: one iteration (``it`` in the epoch, ``step`` global)."""
 
-    def __init__(self, model, optimizer, scaler, amp_dtype, device, args, distributed: bool, forward=None):
+    def __init__(self, model, optimizer, scaler, amp_dtype, device, args, distributed: bool, forward=None,
+                 report_first=None):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.report_first = report_first  # called once with the first iteration's seconds (--compile)
         self.forward = forward if forward is not None else model  # e.g. the compiled model
         self.amp_dtype, self.device = amp_dtype, device
         self.accum_iter, self.clip_grad, self.mask_ratio = args.accum_iter, args.clip_grad, args.mask_ratio
@@ -104,6 +109,14 @@ class TrainStep:
         self.bad = NonFiniteSteps(device)
 
     def __call__(self, imgs, noise, it: int, step: int) -> None:
+        if self.report_first is not None:  # one timed (synchronised) iteration, e.g. to report compile time
+            report, self.report_first = self.report_first, None
+            t = time.perf_counter()
+            self(imgs, noise, it, step)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            report(time.perf_counter() - t)
+            return
         update = (it + 1) % self.accum_iter == 0
         sync = contextlib.nullcontext() if update or not self.distributed else self.model.no_sync()
         with sync:
