@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from . import lr_sched
 from .data import DataError, stack
+from .knn import KnnMonitor
 from .linprobe import compare_with_random_init
 from .recipes import (DEFAULT_MODEL, DEMO_RECIPE, MODELS, OFFICIAL_RECIPE, UsageError,  # noqa: F401
                       build_model, default_cpu_threads, mae_vit_tiny_patch4, mae_vit_tiny_patch8)
@@ -134,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=10, help="iterations between log.csv rows")
     g.add_argument("--num-preview", type=int, default=8, help="images in each reconstruction picture")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g.add_argument("--knn-every", type=int, default=None,
+                   help="every N epochs (and after the last), kNN accuracy of the encoder's features on a "
+                        "labelled set, printed and logged (0: off; default: every epoch for the demo model "
+                        "mae_vit_tiny_patch8, off for the others)")
+    g.add_argument("--knn-data", default=None,
+                   help="ImageFolder with class sub-folders for the kNN monitor (default: scikit-learn digits)")
     g.add_argument("--linprobe", action=argparse.BooleanOptionalAction, default=True,
                    help="at the end, linear probe on digits: pretrained vs random-init encoder")
     # for tests: stop like `kill -9` after N iterations of this process (no checkpoint, no picture)
@@ -152,9 +159,9 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
     if args.model not in MODELS:
         raise UsageError(f"unknown --model {args.model!r}; choose from {', '.join(MODELS)}")
     recipe = MODELS[args.model][1]
-    for key in ("input_size", "blr", "epochs", "warmup_epochs", "batch_size"):
+    for key in ("input_size", "blr", "epochs", "warmup_epochs", "batch_size", "knn_every"):
         if getattr(args, key) is None:
-            setattr(args, key, recipe[key])
+            setattr(args, key, recipe.get(key, 0))
     checks = [
         (args.batch_size > 0, f"--batch-size must be > 0, got {args.batch_size}"),
         (args.epochs > 0, f"--epochs must be > 0, got {args.epochs}"),
@@ -173,6 +180,7 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
          "a checkpoint holds no half-accumulated gradient"),
         (args.save_freq > 0, f"--save-freq must be > 0, got {args.save_freq}"),
         (args.log_every > 0, f"--log-every must be > 0, got {args.log_every}"),
+        (args.knn_every >= 0, f"--knn-every must be >= 0, got {args.knn_every}"),
         (args.max_bad_steps > 0, f"--max-bad-steps must be > 0, got {args.max_bad_steps}"),
         (args.num_preview >= 0, f"--num-preview must be >= 0, got {args.num_preview}"),
         (args.num_workers is None or args.num_workers >= 0, "--num-workers must be >= 0"),
@@ -182,6 +190,8 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    if args.knn_data is not None and not os.path.isdir(os.path.expanduser(args.knn_data)):
+        raise UsageError(f"--knn-data {args.knn_data!r} is not a directory")
     if args.data_path is not None and not os.path.isdir(os.path.expanduser(args.data_path)):
         raise UsageError(f"--data-path {args.data_path!r} is not a directory"
                          f"{'' if os.path.exists(os.path.expanduser(args.data_path)) else ' (it does not exist)'}")
@@ -276,8 +286,10 @@ def _train(args, rank, world_size, device, distributed) -> int:
     _print_header(say, args, model_without_ddp, optimizer, data_desc, device, world_size, amp_dtype, amp_reason,
                   num_workers, steps_per_epoch)
     preview = _preview(args, dataset, model_without_ddp, device) if is_main else None
+    knn = KnnMonitor(args.input_size, args.knn_data, args.seed, amp_dtype=amp_dtype) \
+        if is_main and args.knn_every else None
     log = RunLog(args.output_dir, is_main, resume_step=start_epoch * steps_per_epoch + start_step if resume else None,
-                 fields=("epoch", "step", "loss", "lr", "img_per_s", "bad_steps"))
+                 fields=("epoch", "step", "loss", "lr", "img_per_s", "bad_steps", "knn_acc"))
     run = SimpleNamespace(
         args=args, rank=rank, device=device, distributed=distributed, is_main=is_main, say=say, log=log,
         model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, batches=batches, loader=loader,
@@ -294,7 +306,7 @@ def _train(args, rank, world_size, device, distributed) -> int:
             epoch_loss = _run_epoch(run, epoch, start_step if epoch == start_epoch else 0)
             if epoch_loss is None:  # --simulate-kill-after-steps
                 return 137
-            _end_epoch(run, epoch, epoch_loss, preview)
+            _end_epoch(run, epoch, epoch_loss, preview, knn)
     finally:
         log.close()
 
@@ -442,11 +454,18 @@ def _check_bad_steps(run) -> int:
     return total
 
 
-def _end_epoch(run, epoch: int, epoch_loss: float, preview) -> None:
-    """Checkpoints, the epoch's TensorBoard scalar and reconstruction picture, the DDP barrier."""
+def _end_epoch(run, epoch: int, epoch_loss: float, preview, knn) -> None:
+    """Checkpoints, the epoch's TensorBoard scalar, kNN accuracy and reconstruction picture, the DDP barrier."""
     run.checkpointer.save_epoch_end(epoch)
     if run.log.tb is not None:
         run.log.tb.add_scalar("epoch_loss", epoch_loss, epoch)
+    if knn is not None and ((epoch + 1) % run.args.knn_every == 0 or epoch + 1 == run.args.epochs):
+        t = time.perf_counter()
+        acc = knn(run.model_without_ddp)
+        step = (epoch + 1) * run.batches.steps_per_epoch - 1
+        run.log.row(step, {"knn_acc": acc}, epoch=epoch, knn_acc=f"{acc:.4f}")
+        run.say(f"  kNN accuracy on {knn.name} (k={knn.k}, encoder features, 25% held out): {100 * acc:.1f}% "
+                f"({time.perf_counter() - t:.1f} s)")
     if preview is not None:
         from .visualize import save_reconstructions
         path = save_reconstructions(run.model_without_ddp, preview[0],
