@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import lr_sched
 from .data import DataError, stack
 from .knn import KnnMonitor
 from .linprobe import compare_with_random_init
@@ -243,11 +242,37 @@ def train(args) -> int:
 
 def _train(args, rank, world_size, device, distributed) -> int:
     args = resolve_args(args, world_size)
-    is_main = rank == 0
-    say = print_on(is_main)
     _setup_threads(args, device)
     os.makedirs(args.output_dir, exist_ok=True)
+    run = _setup_run(args, rank, world_size, device, distributed)
 
+    t_start = time.perf_counter()
+    epoch_loss = None
+    try:
+        for epoch in range(run.start_epoch, args.epochs):
+            epoch_loss = _run_epoch(run, epoch, run.start_step if epoch == run.start_epoch else 0)
+            if epoch_loss is None:  # --simulate-kill-after-steps
+                return 137
+            _end_epoch(run, epoch, epoch_loss)
+    finally:
+        run.log.close()
+
+    total = time.perf_counter() - t_start
+    if run.first_loss is not None:
+        run.say(f"done: {run.iterations_run} iterations in {total:.1f} s "
+                f"({run.iterations_run * run.images_per_iter / total:.0f} img/s); "
+                f"loss {run.first_loss:.4f} (first logged) -> {epoch_loss:.4f} (last epoch mean)")
+    if args.linprobe and run.is_main:
+        compare_with_random_init(run.model_without_ddp, args.model, args.input_size, args.seed, device,
+                                 norm_pix_loss=args.norm_pix_loss, backend=args.backend, amp_dtype=run.amp_dtype)
+    return 0
+
+
+def _setup_run(args, rank, world_size, device, distributed) -> SimpleNamespace:
+    """Everything a run needs, in order: data, model, amp, optimizer, resume, DDP/compile, loader,
+    header, preview, kNN monitor, logs, the step and the checkpointer."""
+    is_main = rank == 0
+    say = print_on(is_main)
     # data first: a bad --data-path fails before anything is built
     dataset, data_desc = build_dataset(args)
     batches = EpochBatches(dataset, args.batch_size, args.seed, rank, world_size)
@@ -290,35 +315,16 @@ def _train(args, rank, world_size, device, distributed) -> int:
         if is_main and args.knn_every else None
     log = RunLog(args.output_dir, is_main, resume_step=start_epoch * steps_per_epoch + start_step if resume else None,
                  fields=("epoch", "step", "loss", "lr", "img_per_s", "bad_steps", "knn_acc"))
-    run = SimpleNamespace(
+    return SimpleNamespace(
         args=args, rank=rank, device=device, distributed=distributed, is_main=is_main, say=say, log=log,
         model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, batches=batches, loader=loader,
         step=TrainStep(model, optimizer, scaler, amp_dtype, device, args, distributed, forward=forward,
                        report_first=_report_compile(say, args) if args.compile else None),
         t_window=0.0, window_images=0,
         checkpointer=Checkpointer(args, model_without_ddp, optimizer, scaler, steps_per_epoch, is_main),
-        images_per_iter=args.batch_size * world_size, iterations_run=0, first_loss=None, lr=args.lr)
+        images_per_iter=args.batch_size * world_size, iterations_run=0, first_loss=None, lr=args.lr,
+        amp_dtype=amp_dtype, preview=preview, knn=knn, start_epoch=start_epoch, start_step=start_step)
 
-    t_start = time.perf_counter()
-    epoch_loss = None
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            epoch_loss = _run_epoch(run, epoch, start_step if epoch == start_epoch else 0)
-            if epoch_loss is None:  # --simulate-kill-after-steps
-                return 137
-            _end_epoch(run, epoch, epoch_loss, preview, knn)
-    finally:
-        log.close()
-
-    total = time.perf_counter() - t_start
-    if run.first_loss is not None:
-        say(f"done: {run.iterations_run} iterations in {total:.1f} s "
-            f"({run.iterations_run * run.images_per_iter / total:.0f} img/s); "
-            f"loss {run.first_loss:.4f} (first logged) -> {epoch_loss:.4f} (last epoch mean)")
-    if args.linprobe and is_main:
-        compare_with_random_init(model_without_ddp, args.model, args.input_size, args.seed, device,
-                                 norm_pix_loss=args.norm_pix_loss, backend=args.backend, amp_dtype=amp_dtype)
-    return 0
 
 
 def print_on(is_main: bool):
@@ -454,11 +460,12 @@ def _check_bad_steps(run) -> int:
     return total
 
 
-def _end_epoch(run, epoch: int, epoch_loss: float, preview, knn) -> None:
+def _end_epoch(run, epoch: int, epoch_loss: float) -> None:
     """Checkpoints, the epoch's TensorBoard scalar, kNN accuracy and reconstruction picture, the DDP barrier."""
     run.checkpointer.save_epoch_end(epoch)
     if run.log.tb is not None:
         run.log.tb.add_scalar("epoch_loss", epoch_loss, epoch)
+    knn, preview = run.knn, run.preview
     if knn is not None and ((epoch + 1) % run.args.knn_every == 0 or epoch + 1 == run.args.epochs):
         t = time.perf_counter()
         acc = knn(run.model_without_ddp)
