@@ -445,7 +445,7 @@ def _log_row(run, epoch: int, step: int, bar) -> None:
     if run.first_loss is None:
         run.first_loss = loss_mean
     run.log.row(step, {"train_loss": loss_mean, "lr": run.lr}, epoch=epoch, loss=f"{loss_mean:.6f}",
-                lr=f"{run.lr:.6g}", img_per_s=f"{img_s:.1f}", bad_steps=bad_total)
+                lr=f"{run.lr:.6g}", img_per_s=f"{img_s:.4g}", bad_steps=bad_total)
     if bar is not None:
         bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{run.lr:.2e}", img_s=f"{img_s:.0f}")
 
