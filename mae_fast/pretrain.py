@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     g.add_argument("--knn-every", type=int, default=None,
                    help="every N epochs (and after the last), kNN accuracy of the encoder's features on a "
-                        "labelled set, printed and logged (0: off; default: every epoch for the demo model "
+                        "labelled set, printed and logged (0: off; default: every 5 epochs for the demo model "
                         "mae_vit_tiny_patch8, off for the others)")
     g.add_argument("--knn-data", default=None,
                    help="ImageFolder with class sub-folders for the kNN monitor (default: scikit-learn digits)")
