@@ -20,10 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DataError, ImageFolder, stack
-
-
-class UsageError(ValueError):
-    pass
+from .recipes import UsageError, build_model, default_cpu_threads
+from .train.amp import AMP_NAMES, resolve_amp
 
 
 def digits_images(input_size: int):
@@ -47,8 +45,10 @@ def folder_images(path: str, input_size: int):
 
 
 @torch.no_grad()
-def encoder_features(model, imgs: torch.Tensor, pool: str = "mean", batch_size: int = 256, device=None):
-    """imgs (N, 3, S, S) -> features (N, D) as a float64 numpy array."""
+def encoder_features(model, imgs: torch.Tensor, pool: str = "mean", batch_size: int = 256, device=None,
+                     amp_dtype=None):
+    """imgs (N, 3, S, S) -> features (N, D) as a float64 numpy array (encoder under autocast
+    ``amp_dtype`` when given)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -60,7 +60,8 @@ def encoder_features(model, imgs: torch.Tensor, pool: str = "mean", batch_size: 
             # features do not depend on the global RNG (token order changes float sums)
             num_patches = model.patch_embed.num_patches
             noise = torch.arange(num_patches, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
-            latent, _, _ = model.forward_encoder(x, mask_ratio=0.0, noise=noise)  # (B, 1 + L, D)
+            with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                latent, _, _ = model.forward_encoder(x, mask_ratio=0.0, noise=noise)  # (B, 1 + L, D)
             f = latent[:, 0] if pool == "cls" else latent[:, 1:].mean(dim=1)
             feats.append(f.float().cpu())
     finally:
@@ -92,19 +93,22 @@ def _one_blas_thread():
 
 
 def compare_with_random_init(model, model_name: str, input_size: int, seed: int, device, *,
-                             norm_pix_loss=False, backend="auto", pool="mean", data_path=None, out=print):
-    """Probe ``model`` and a fresh ``model_name`` built after ``torch.manual_seed(seed)``."""
-    from .pretrain import build_model
+                             norm_pix_loss=False, backend="auto", pool="mean", data_path=None, out=print,
+                             amp_dtype=None):
+    """Probe ``model`` and a fresh ``model_name`` built after ``torch.manual_seed(seed)`` (features
+    under autocast ``amp_dtype`` when given)."""
     imgs, labels = digits_images(input_size) if data_path is None else folder_images(data_path, input_size)
     data = "digits" if data_path is None else data_path
     cpu_state = torch.get_rng_state()
     torch.manual_seed(seed)
     random_model = build_model(model_name, input_size, norm_pix_loss, backend).to(device)
     torch.set_rng_state(cpu_state)
-    acc_trained = probe_accuracy(encoder_features(model, imgs, pool, device=device), labels, seed)
-    acc_random = probe_accuracy(encoder_features(random_model, imgs, pool, device=device), labels, seed)
+    acc_trained = probe_accuracy(encoder_features(model, imgs, pool, device=device, amp_dtype=amp_dtype), labels, seed)
+    acc_random = probe_accuracy(encoder_features(random_model, imgs, pool, device=device, amp_dtype=amp_dtype),
+                                labels, seed)
+    amp = "" if amp_dtype is None else f", {AMP_NAMES[amp_dtype]} autocast"
     out(f"linear probe on {data} ({len(labels)} images, {len(np.unique(labels))} classes, 25% held out, "
-        f"{pool}-pooled encoder features -> logistic regression):")
+        f"{pool}-pooled encoder features{amp} -> logistic regression):")
     out(f"  pretrained encoder:  {100 * acc_trained:.1f}% accuracy")
     out(f"  random-init encoder: {100 * acc_random:.1f}% accuracy  (same config, seed {seed})")
     return {"pretrained": acc_trained, "random_init": acc_random}
@@ -120,6 +124,8 @@ def build_parser():
     p.add_argument("--pool", default="mean", choices=("mean", "cls"))
     p.add_argument("--seed", type=int, default=None, help="split and random-init seed (default: checkpoint's)")
     p.add_argument("--device", default=None)
+    p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
+                   help="autocast of the encoder's features (auto: as mae-fast pretrain chooses)")
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the tiny models on CPU, else torch's choice)")
     return p
@@ -127,7 +133,6 @@ def build_parser():
 
 def main(argv=None) -> int:
     from .checkpoint import load_official_checkpoint, read_state_dict
-    from .pretrain import build_model
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
@@ -147,17 +152,18 @@ def main(argv=None) -> int:
             raise UsageError("the checkpoint has no 'args': pass --model and --input-size")
         seed = args.seed if args.seed is not None else int(saved.get("seed", 0))
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        from .pretrain import MODELS
         threads = args.num_threads
-        if threads is None and device.type == "cpu" and model_name in MODELS:
-            threads = MODELS[model_name][1].get("cpu_threads")
+        if threads is None and device.type == "cpu":
+            threads = default_cpu_threads(model_name)
         if threads is not None:
             torch.set_num_threads(threads)
         model = build_model(model_name, int(input_size), bool(saved.get("norm_pix_loss", False)))
         load_official_checkpoint(model, read_state_dict(ckpt), strict_decoder=False)
+        amp_dtype, amp_reason = resolve_amp(args.amp, device, width=model.cls_token.shape[-1])
+        print(f"amp {AMP_NAMES[amp_dtype]} ({amp_reason})")
         compare_with_random_init(model.to(device), model_name, int(input_size), seed, device,
                                  norm_pix_loss=bool(saved.get("norm_pix_loss", False)), pool=args.pool,
-                                 data_path=args.data_path)
+                                 data_path=args.data_path, amp_dtype=amp_dtype)
         return 0
     except ValueError as e:  # UsageError, DataError, a checkpoint that does not fit the model
         print(f"mae-fast linprobe: error: {e}", file=sys.stderr)

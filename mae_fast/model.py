@@ -9,6 +9,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops, reference
 from .attention import check_attn_backend
@@ -58,6 +59,7 @@ class MaskedAutoencoderViT(nn.Module):
         # --------------------------------------------------------------------------
 
         self.norm_pix_loss = norm_pix_loss
+        self.grad_checkpointing = False  # see set_grad_checkpointing
         self.set_attn_backend(attn_backend)
         self.initialize_weights()
 
@@ -76,6 +78,16 @@ class MaskedAutoencoderViT(nn.Module):
         blocks, for A/B comparisons. Same math either way."""
         for blk in list(self.blocks) + list(self.decoder_blocks):
             blk.attn.fused_qkv = bool(fused)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Activation checkpointing: each encoder/decoder block keeps only its input and is
+        recomputed in the backward pass (less memory, one more block forward per step)."""
+        self.grad_checkpointing = bool(enable)
+
+    def _block(self, blk, x):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
 
     def initialize_weights(self):
         # initialization
@@ -177,7 +189,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         # apply Transformer blocks
         for blk in self.blocks:
-            x = blk(x)
+            x = self._block(blk, x)
         x = self.norm(x)
 
         return x, mask, ids_restore
@@ -191,7 +203,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         # apply Transformer blocks
         for blk in self.decoder_blocks:
-            x = blk(x)
+            x = self._block(blk, x)
         x = self.decoder_norm(x)
 
         # predictor projection

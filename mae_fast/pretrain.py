@@ -20,81 +20,34 @@ A checkpoint is written atomically at the end of every epoch (``checkpoint-last.
 ``checkpoint-<epoch>.pth`` every ``--save-freq`` epochs and at the end, as the official) and,
 with ``--save-every-steps K``, every K iterations inside an epoch: a killed run loses at most the
 iterations since the last checkpoint. ``--resume auto`` continues from ``checkpoint-last.pth``.
+
+This module is the command line and the wiring; the parts live in ``mae_fast.train`` (seeds,
+loader, amp, step, state, log). ``_train`` reads top to bottom: setup, data, model and optimizer,
+resume, header, the epoch loop (``_run_epoch``: one ``TrainStep`` per iteration, logging,
+mid-epoch checkpoints), end-of-epoch checkpoint and picture, the final probe.
 """
 import argparse
-import contextlib
-import csv
-import math
 import os
-import random
 import sys
 import time
-from functools import partial
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import lr_sched
-from .data import BuiltinImages, DataError, ImageFolder, stack
-from .model import (MaskedAutoencoderViT, mae_vit_base_patch16, mae_vit_huge_patch14,
-                    mae_vit_large_patch16)
-
-
-class UsageError(ValueError):
-    """A bad command line: reported as one line, exit status 2."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss is not finite): reported as one line, exit status 1."""
-
-
-# ---------------------------------------------------------------------------------------------
-# models: the official factories, and a tiny one that trains on a CPU in minutes
-def mae_vit_tiny_patch8(**kwargs):
-    """A 0.4M-parameter MAE for the CPU demo: 64 px images -> 8 x 8 patches of 8 px."""
-    return MaskedAutoencoderViT(
-        patch_size=8, embed_dim=96, depth=3, num_heads=4,
-        decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,
-        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
-
-
-def mae_vit_tiny_patch4(**kwargs):
-    """A smaller one on 4 px patches (e.g. 32 px images -> 8 x 8 patches), for fast tests."""
-    return MaskedAutoencoderViT(
-        patch_size=4, embed_dim=64, depth=2, num_heads=4,
-        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
-        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
-
-
-OFFICIAL_RECIPE = dict(input_size=224, blr=1.5e-4, epochs=400, warmup_epochs=40, batch_size=64)
-# cpu_threads=1: the demo's matrices (64 x 17 x 96) are too small for a second thread to pay, and on
-# a CPU that is busy with anything else OpenMP threads spin against each other (measured on the
-# shared 2-core container: ~25 img/s with 2 threads against ~340 with 1). --num-threads overrides.
-DEMO_RECIPE = dict(input_size=64, blr=1e-2, epochs=10, warmup_epochs=1, batch_size=64, cpu_threads=1)
-
-# name -> (factory, defaults that depend on the model)
-MODELS = {
-    "mae_vit_tiny_patch8": (mae_vit_tiny_patch8, DEMO_RECIPE),
-    "mae_vit_tiny_patch4": (mae_vit_tiny_patch4, dict(DEMO_RECIPE, input_size=32)),
-    "mae_vit_base_patch16": (mae_vit_base_patch16, OFFICIAL_RECIPE),
-    "mae_vit_large_patch16": (mae_vit_large_patch16, OFFICIAL_RECIPE),
-    "mae_vit_huge_patch14": (mae_vit_huge_patch14, OFFICIAL_RECIPE),
-}
-for _name in ("base_patch16", "large_patch16", "huge_patch14"):
-    MODELS[f"mae_vit_{_name}_dec512d8b"] = MODELS[f"mae_vit_{_name}"]
-DEFAULT_MODEL = "mae_vit_tiny_patch8"
-
-
-def build_model(model: str, input_size: int, norm_pix_loss: bool = False, backend: str = "auto"):
-    if model not in MODELS:
-        raise UsageError(f"unknown --model {model!r}; choose from {', '.join(MODELS)}")
-    factory = MODELS[model][0]
-    try:
-        return factory(img_size=input_size, norm_pix_loss=norm_pix_loss, backend=backend)
-    except ValueError as e:  # e.g. input size not a multiple of the patch size
-        raise UsageError(f"--model {model} --input-size {input_size}: {e}") from e
+from .data import DataError, stack
+from .knn import KnnMonitor
+from .linprobe import compare_with_random_init
+from .recipes import (DEFAULT_MODEL, DEMO_RECIPE, MODELS, OFFICIAL_RECIPE, UsageError,  # noqa: F401
+                      build_model, default_cpu_threads, mae_vit_tiny_patch4, mae_vit_tiny_patch8)
+from .train.amp import AMP_NAMES, resolve_amp
+from .train.loader import EpochBatches, build_dataset, build_loader, default_num_workers
+from .train.log import RunLog, progress_bar
+from .train.seeds import mask_noise, rng_state, sample_seed, seed_process, set_rng_state  # noqa: F401
+from .train.state import (Checkpointer, checkpoint_dict, load_resume, resume_path,  # noqa: F401
+                          resume_training, save_checkpoint)
+from .train.step import TrainingError, TrainStep, build_optimizer, set_learning_rate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=int, default=None, help="image side in pixels [model]")
     g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
     g.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised pixels as target")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each encoder/decoder block in the backward pass instead of keeping its "
+                        "activations (less memory, about one more forward per step)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fullgraph) for the training step; the compile time is printed once")
+    g.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode; reduce-overhead on CUDA (CUDA graphs) also makes AdamW capturable "
+                        "with a tensor lr, so the schedule is not frozen into a graph")
+    g.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager, eager)")
     g.add_argument("--backend", default="auto", choices=("auto", "reference", "fast"),
                    help="mae_fast op backend (auto: fused kernels where they run)")
     g = p.add_argument_group("optimisation")
@@ -140,8 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=None, help="[model]")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--clip-grad", type=float, default=None, help="max grad norm (official: none)")
+    g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused AdamW kernel (default: where this torch has one for the device, CPU included; "
+                        "--no-fused-adamw: the for-each implementation)")
+    g.add_argument("--max-bad-steps", type=int, default=3,
+                   help="stop after this many consecutive updates with a non-finite loss or gradient "
+                        "(each is skipped and counted; the last good checkpoint is kept)")
     g.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
-                   help="autocast dtype (auto: bf16 on a GPU that has it, fp16 on other GPUs, none on CPU); "
+                   help="autocast dtype (auto: bf16 on a GPU that has it, fp16 on other GPUs; on a CPU bf16 "
+                        "when it has native bf16 and the model is wide enough to gain, else none); "
                         "fp16 uses a grad scaler")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None,
@@ -165,11 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=10, help="iterations between log.csv rows")
     g.add_argument("--num-preview", type=int, default=8, help="images in each reconstruction picture")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g.add_argument("--knn-every", type=int, default=None,
+                   help="every N epochs (and after the last), kNN accuracy of the encoder's features on a "
+                        "labelled set, printed and logged (0: off; default: every 5 epochs for the demo model "
+                        "mae_vit_tiny_patch8, off for the others)")
+    g.add_argument("--knn-data", default=None,
+                   help="ImageFolder with class sub-folders for the kNN monitor (default: scikit-learn digits)")
     g.add_argument("--linprobe", action=argparse.BooleanOptionalAction, default=True,
                    help="at the end, linear probe on digits: pretrained vs random-init encoder")
     # for tests: stop like `kill -9` after N iterations of this process (no checkpoint, no picture)
     p.add_argument("--simulate-kill-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    # for tests: NaN images at these global iterations (comma-separated)
+    p.add_argument("--simulate-nan-at-steps", type=_int_set, default=frozenset(), help=argparse.SUPPRESS)
     return p
+
+
+def _int_set(text: str) -> frozenset:
+    return frozenset(int(v) for v in text.split(",") if v.strip())
 
 
 def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
@@ -177,9 +158,9 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
     if args.model not in MODELS:
         raise UsageError(f"unknown --model {args.model!r}; choose from {', '.join(MODELS)}")
     recipe = MODELS[args.model][1]
-    for key in ("input_size", "blr", "epochs", "warmup_epochs", "batch_size"):
+    for key in ("input_size", "blr", "epochs", "warmup_epochs", "batch_size", "knn_every"):
         if getattr(args, key) is None:
-            setattr(args, key, recipe[key])
+            setattr(args, key, recipe.get(key, 0))
     checks = [
         (args.batch_size > 0, f"--batch-size must be > 0, got {args.batch_size}"),
         (args.epochs > 0, f"--epochs must be > 0, got {args.epochs}"),
@@ -198,6 +179,8 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
          "a checkpoint holds no half-accumulated gradient"),
         (args.save_freq > 0, f"--save-freq must be > 0, got {args.save_freq}"),
         (args.log_every > 0, f"--log-every must be > 0, got {args.log_every}"),
+        (args.knn_every >= 0, f"--knn-every must be >= 0, got {args.knn_every}"),
+        (args.max_bad_steps > 0, f"--max-bad-steps must be > 0, got {args.max_bad_steps}"),
         (args.num_preview >= 0, f"--num-preview must be >= 0, got {args.num_preview}"),
         (args.num_workers is None or args.num_workers >= 0, "--num-workers must be >= 0"),
         (args.clip_grad is None or args.clip_grad > 0, "--clip-grad must be > 0"),
@@ -206,6 +189,8 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    if args.knn_data is not None and not os.path.isdir(os.path.expanduser(args.knn_data)):
+        raise UsageError(f"--knn-data {args.knn_data!r} is not a directory")
     if args.data_path is not None and not os.path.isdir(os.path.expanduser(args.data_path)):
         raise UsageError(f"--data-path {args.data_path!r} is not a directory"
                          f"{'' if os.path.exists(os.path.expanduser(args.data_path)) else ' (it does not exist)'}")
@@ -242,166 +227,8 @@ def init_distributed(device_arg):
     return rank, world_size, local_rank, device, distributed
 
 
-def all_reduce_mean(value: float, device, distributed: bool) -> float:
-    if not distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 # ---------------------------------------------------------------------------------------------
-# stateless randomness (see the module docstring)
-def _derived_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return _derived_seed(seed, 1, epoch, index)
-
-
-def mask_noise(seed: int, rank: int, step: int, n: int, num_patches: int, device) -> torch.Tensor:
-    """noise (n, L) in [0, 1) for the masking of global iteration ``step`` on ``rank``."""
-    g = torch.Generator(device=device)
-    g.manual_seed(_derived_seed(seed, 2, rank, step))
-    return torch.rand(n, num_patches, generator=g, device=device)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-def save_checkpoint(path: str, obj: dict) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace (atomic)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _scaler_state(scaler) -> dict:
-    if scaler.is_enabled():
-        return scaler.state_dict()
-    # the official code always has an enabled scaler: store a fresh one so its loader accepts ours
-    return torch.amp.GradScaler("cpu", enabled=True).state_dict()
-
-
-def _plain(value):
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value)
-
-
-def checkpoint_dict(model, optimizer, scaler, args, epoch_done: int, step_in_epoch: int, global_step: int):
-    from . import __version__
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch_done,  # last completed epoch (official meaning); -1: none yet
-        "scaler": _scaler_state(scaler),
-        "args": {k: _plain(v) for k, v in vars(args).items()},
-        # mae_fast extras for an exact mid-epoch resume
-        "step_in_epoch": step_in_epoch,  # iterations already done in epoch `epoch + 1`
-        "global_step": global_step,
-        "rng": rng_state(),
-        "mae_fast_version": __version__,
-    }
-
-
-def load_resume(path: str):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise UsageError(f"--resume {path!r} does not exist") from e
-    except Exception as e:
-        raise UsageError(f"--resume {path!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    for key in ("model", "optimizer", "epoch"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            raise UsageError(f"--resume {path!r} has no {key!r} entry: not a training checkpoint")
-    return ckpt
-
-
-# ---------------------------------------------------------------------------------------------
-# logging
-class CsvLog:
-    """log.csv with epoch, step, loss, lr, img_per_s; on resume, rows past the checkpoint go."""
-    FIELDS = ("epoch", "step", "loss", "lr", "img_per_s")
-
-    def __init__(self, path: str, resume_step=None):
-        self.path = path
-        rows = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
-        self.file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-        self.file.flush()
-
-    def write(self, **row):
-        self.writer.writerow(row)
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-
-def _tensorboard(log_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed
-        return None
-    return SummaryWriter(log_dir=log_dir)
-
-
-def _progress(total, initial, desc, disable):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    # in a log file (no terminal) a bar line every 30 s, not one per update
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True,
-                leave=False, file=sys.stderr, mininterval=0.1 if interactive else 30.0)
-
-
-def resolve_amp(amp: str, device: torch.device):
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-# ---------------------------------------------------------------------------------------------
+# the run
 def train(args) -> int:
     rank, world_size, local_rank, device, distributed = init_distributed(args.device)
     threads = torch.get_num_threads()
@@ -415,232 +242,245 @@ def train(args) -> int:
 
 def _train(args, rank, world_size, device, distributed) -> int:
     args = resolve_args(args, world_size)
-    is_main = rank == 0
-
-    def say(msg):
-        if is_main:
-            print(msg, flush=True)
-
-    if args.num_threads is None and device.type == "cpu":
-        args.num_threads = MODELS[args.model][1].get("cpu_threads")
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
-    amp_dtype = resolve_amp(args.amp, device)
-    if amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError("--amp bf16 but this GPU has no bfloat16; use --amp fp16")
+    _setup_threads(args, device)
     os.makedirs(args.output_dir, exist_ok=True)
+    run = _setup_run(args, rank, world_size, device, distributed)
 
+    t_start = time.perf_counter()
+    epoch_loss = None
+    try:
+        for epoch in range(run.start_epoch, args.epochs):
+            epoch_loss = _run_epoch(run, epoch, run.start_step if epoch == run.start_epoch else 0)
+            if epoch_loss is None:  # --simulate-kill-after-steps
+                return 137
+            _end_epoch(run, epoch, epoch_loss)
+    finally:
+        run.log.close()
+
+    total = time.perf_counter() - t_start
+    if run.first_loss is not None:
+        run.say(f"done: {run.iterations_run} iterations in {total:.1f} s "
+                f"({run.iterations_run * run.images_per_iter / total:.0f} img/s); "
+                f"loss {run.first_loss:.4f} (first logged) -> {epoch_loss:.4f} (last epoch mean)")
+    if args.linprobe and run.is_main:
+        compare_with_random_init(run.model_without_ddp, args.model, args.input_size, args.seed, device,
+                                 norm_pix_loss=args.norm_pix_loss, backend=args.backend, amp_dtype=run.amp_dtype)
+    return 0
+
+
+def _setup_run(args, rank, world_size, device, distributed) -> SimpleNamespace:
+    """Everything a run needs, in order: data, model, amp, optimizer, resume, DDP/compile, loader,
+    header, preview, kNN monitor, logs, the step and the checkpointer."""
+    is_main = rank == 0
+    say = print_on(is_main)
     # data first: a bad --data-path fails before anything is built
-    if args.data_path is not None:
-        dataset = ImageFolder(args.data_path, args.input_size, (args.min_crop_scale, 1.0))
-        data_desc = f"ImageFolder {dataset.root}: {len(dataset)} images, {len(dataset.classes)} classes"
-    else:
-        dataset = BuiltinImages(args.input_size, args.builtin_size, (args.min_crop_scale, 1.0))
-        data_desc = (f"built-in: {len(dataset.photo_names)} scikit-image photos + {len(dataset.faces)} "
-                     f"LFW-subset images, random crops, {len(dataset)} samples/epoch")
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // args.batch_size
+    dataset, data_desc = build_dataset(args)
+    batches = EpochBatches(dataset, args.batch_size, args.seed, rank, world_size)
+    steps_per_epoch = batches.steps_per_epoch
     if steps_per_epoch < 1:
         raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per process "
                          f"({world_size} process(es)); lower --batch-size")
 
     # the model: same init on every rank (seed), then per-rank seeds as the official
     torch.manual_seed(args.seed)
-    model = build_model(args.model, args.input_size, args.norm_pix_loss, args.backend).to(device)
-    seed = args.seed + rank
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-    optimizer = torch.optim.AdamW(lr_sched.param_groups_weight_decay(model, args.weight_decay),
-                                  lr=args.lr, betas=(0.9, 0.95))
+    model_without_ddp = build_model(args.model, args.input_size, args.norm_pix_loss, args.backend).to(device)
+    seed_process(args.seed + rank)
+    model_without_ddp.set_grad_checkpointing(args.grad_checkpointing)
+    amp_dtype, amp_reason = resolve_amp(args.amp, device, width=model_without_ddp.cls_token.shape[-1])
+    if amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--amp bf16 but this GPU has no bfloat16; use --amp fp16")
+    try:
+        optimizer = build_optimizer(model_without_ddp, args, device, capturable=_cuda_graphs(args, device))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, start_step = 0, 0
-    resume = args.resume
-    if resume == "auto":
-        resume = os.path.join(args.output_dir, "checkpoint-last.pth")
-        resume = resume if os.path.exists(resume) else None
+    resume = resume_path(args.resume, args.output_dir)
     if resume:
-        ckpt = load_resume(resume)
-        saved = ckpt.get("args", {})
-        for key in ("model", "input_size"):
-            if key in saved and saved[key] != getattr(args, key):
-                raise UsageError(f"--resume {resume}: the checkpoint has {key}={saved[key]!r}, "
-                                 f"this run {key}={getattr(args, key)!r}")
-        differ = [k for k in ("batch_size", "accum_iter", "world_size", "epochs", "blr", "lr", "seed",
-                              "mask_ratio", "norm_pix_loss", "data_path", "builtin_size")
-                  if k in saved and saved[k] != getattr(args, k)]
-        if differ:
-            say(f"note: resuming with different {', '.join(differ)} than the checkpoint: "
-                "the loss trajectory will differ from an uninterrupted run")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        start_step = int(ckpt.get("step_in_epoch", 0))
-        if start_step >= steps_per_epoch:
-            start_epoch, start_step = start_epoch + 1, 0
-        if "rng" in ckpt and world_size == 1:
-            set_rng_state(ckpt["rng"])
-        say(f"resumed from {resume}: epoch {start_epoch}, iteration {start_step} of {steps_per_epoch}")
-
-    model_without_ddp = model
+        start_epoch, start_step = resume_training(resume, args, model_without_ddp, optimizer, scaler,
+                                                  steps_per_epoch, say)
+    model = model_without_ddp
     if distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = _compile(args, model) if args.compile else None
+    num_workers = args.num_workers if args.num_workers is not None else default_num_workers(device, world_size)
+    loader = build_loader(dataset, batches, num_workers, device)
 
-    num_workers = args.num_workers
-    if num_workers is None:
-        num_workers = 0 if device.type != "cuda" else min(10, max(1, (os.cpu_count() or 1) // world_size))
+    _print_header(say, args, model_without_ddp, optimizer, data_desc, device, world_size, amp_dtype, amp_reason,
+                  num_workers, steps_per_epoch)
+    preview = _preview(args, dataset, model_without_ddp, device) if is_main else None
+    knn = KnnMonitor(args.input_size, args.knn_data, args.seed, amp_dtype=amp_dtype) \
+        if is_main and args.knn_every else None
+    log = RunLog(args.output_dir, is_main, resume_step=start_epoch * steps_per_epoch + start_step if resume else None,
+                 fields=("epoch", "step", "loss", "lr", "img_per_s", "bad_steps", "knn_acc"))
+    return SimpleNamespace(
+        args=args, rank=rank, device=device, distributed=distributed, is_main=is_main, say=say, log=log,
+        model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, batches=batches, loader=loader,
+        step=TrainStep(model, optimizer, scaler, amp_dtype, device, args, distributed, forward=forward,
+                       report_first=_report_compile(say, args) if args.compile else None),
+        t_window=0.0, window_images=0,
+        checkpointer=Checkpointer(args, model_without_ddp, optimizer, scaler, steps_per_epoch, is_main),
+        images_per_iter=args.batch_size * world_size, iterations_run=0, first_loss=None, lr=args.lr,
+        amp_dtype=amp_dtype, preview=preview, knn=knn, start_epoch=start_epoch, start_step=start_step)
 
-    n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+
+
+def print_on(is_main: bool):
+    def say(msg):
+        if is_main:
+            print(msg, flush=True)
+    return say
+
+
+def _setup_threads(args, device):
+    """CPU threads for this run (--num-threads, or the model's default on CPU)."""
+    if args.num_threads is None and device.type == "cpu":
+        args.num_threads = default_cpu_threads(args.model)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+
+
+def _cuda_graphs(args, device) -> bool:
+    """--compile-mode reduce-overhead on CUDA captures CUDA graphs: the optimizer must be capturable."""
+    return args.compile and args.compile_mode == "reduce-overhead" and device.type == "cuda"
+
+
+def _compile(args, model):
+    """The compiled training forward (the weights stay those of ``model``; checkpoints, pictures and
+    probes use the uncompiled module). Compilation itself happens at the first step."""
+    try:
+        return torch.compile(model, fullgraph=True, mode=None if args.compile_mode == "default" else args.compile_mode,
+                             backend=args.compile_backend)
+    except Exception as e:  # unknown backend, mode not supported by the backend
+        raise UsageError(f"--compile: {type(e).__name__}: {e}") from e
+
+
+def _report_compile(say, args):
+    def report(seconds):
+        say(f"torch.compile (fullgraph, backend {args.compile_backend}, mode {args.compile_mode}): "
+            f"first iteration, compile included, took {seconds:.1f} s")
+    return report
+
+
+def _print_header(say, args, model, optimizer, data_desc, device, world_size, amp_dtype, amp_reason, num_workers,
+                  steps_per_epoch):
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"mae-fast pretrain: {args.model} ({n_params / 1e6:.2f}M params), {args.input_size}px, "
-        f"patch {model_without_ddp.patch_size}, mask {args.mask_ratio}, norm_pix_loss={args.norm_pix_loss}")
+        f"patch {model.patch_size}, mask {args.mask_ratio}, norm_pix_loss={args.norm_pix_loss}")
     say(f"data: {data_desc}")
-    amp_name = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    say(f"device {device}, {world_size} process(es), amp {amp_name}, "
+    say(f"device {device}, {world_size} process(es), amp {AMP_NAMES[amp_dtype]} ({amp_reason}), "
         f"{torch.get_num_threads()} CPU threads, {num_workers} loader workers")
     say(f"batch {args.batch_size} x accum {args.accum_iter} x {world_size} = {args.eff_batch_size}, "
         f"lr {args.lr:.3g} (blr {args.blr:.3g} x {args.eff_batch_size}/256), wd {args.weight_decay}, "
-        f"warmup {args.warmup_epochs} + cosine to epoch {args.epochs}, {steps_per_epoch} it/epoch")
+        f"warmup {args.warmup_epochs} + cosine to epoch {args.epochs}, {steps_per_epoch} it/epoch, "
+        f"{'fused' if optimizer.defaults.get('fused') else 'for-each'} AdamW")
     say(f"output: {os.path.abspath(args.output_dir)}")
 
-    # what each reconstruction picture shows: fixed images, fixed masks
-    preview = None
-    if is_main and args.num_preview > 0:
-        preview_imgs = stack([dataset[i] for i in dataset.preview_indices(args.num_preview)]).to(device)
-        g = torch.Generator().manual_seed(args.seed)
-        preview = (preview_imgs, torch.rand(preview_imgs.shape[0], model_without_ddp.patch_embed.num_patches,
-                                            generator=g).to(device))
 
-    csv_log = CsvLog(os.path.join(args.output_dir, "log.csv"),
-                     resume_step=start_epoch * steps_per_epoch + start_step if resume else None) if is_main else None
-    tb = _tensorboard(os.path.join(args.output_dir, "tensorboard")) if is_main else None
-    if is_main and tb is None:
-        say("(tensorboard not installed: logging to log.csv only)")
+def _preview(args, dataset, model, device):
+    """(images, mask noise) each reconstruction picture shows: the same in every epoch."""
+    if args.num_preview <= 0:
+        return None
+    imgs = stack([dataset[i] for i in dataset.preview_indices(args.num_preview)]).to(device)
+    g = torch.Generator().manual_seed(args.seed)
+    return imgs, torch.rand(imgs.shape[0], model.patch_embed.num_patches, generator=g).to(device)
 
-    num_patches = model_without_ddp.patch_embed.num_patches
-    images_per_iter = args.batch_size * world_size
-    iterations_run = 0
-    first_loss = None
-    epoch_losses = []
-    t_start = time.perf_counter()
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            indices = list(sampler)
-            batches = [[(idx, sample_seed(args.seed, epoch, idx))
-                        for idx in indices[b * args.batch_size:(b + 1) * args.batch_size]]
-                       for b in range(steps_per_epoch)]
-            skip = start_step if epoch == start_epoch else 0
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[skip:], num_workers=num_workers,
-                                                 pin_memory=device.type == "cuda", collate_fn=stack)
-            model.train(True)
-            optimizer.zero_grad(set_to_none=True)
-            bar = _progress(steps_per_epoch, skip, f"epoch {epoch + 1}/{args.epochs}",
-                            disable=not is_main or args.no_progress)
-            loss_sum, loss_count = 0.0, 0
-            t_epoch = t_window = time.perf_counter()
-            window_images = 0
-            for it, imgs in enumerate(loader, start=skip):
-                step = epoch * steps_per_epoch + it
-                if it % args.accum_iter == 0:
-                    lr = lr_sched.adjust_learning_rate(optimizer, it / steps_per_epoch + epoch, args.lr,
-                                                       args.min_lr, args.warmup_epochs, args.epochs)
-                imgs = imgs.to(device, non_blocking=True)
-                noise = mask_noise(args.seed, rank, step, imgs.shape[0], num_patches, device)
-                update = (it + 1) % args.accum_iter == 0
-                sync = contextlib.nullcontext() if update or not distributed else model.no_sync()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        loss, _, _ = model(imgs, mask_ratio=args.mask_ratio, noise=noise)
-                    loss_value = loss.item()
-                    if not math.isfinite(loss_value):
-                        raise TrainingError(f"loss is {loss_value} at epoch {epoch}, iteration {it}; stopping")
-                    scaler.scale(loss / args.accum_iter).backward()
-                if update:
-                    if args.clip_grad is not None:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                iterations_run += 1
-                window_images += images_per_iter
-                loss_sum += loss_value
-                loss_count += 1
 
-                if (it + 1) % args.log_every == 0 or it == skip or it + 1 == steps_per_epoch:
-                    loss_mean = all_reduce_mean(loss_value, device, distributed)
-                    now = time.perf_counter()
-                    img_s = window_images / max(now - t_window, 1e-9)
-                    t_window, window_images = now, 0
-                    if first_loss is None:
-                        first_loss = loss_mean
-                    if is_main:
-                        csv_log.write(epoch=epoch, step=step, loss=f"{loss_mean:.6f}", lr=f"{lr:.6g}",
-                                      img_per_s=f"{img_s:.1f}")
-                        if tb is not None:
-                            tb.add_scalar("train_loss", loss_mean, step)
-                            tb.add_scalar("lr", lr, step)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
-                if bar is not None:
-                    bar.update(1)
+def _run_epoch(run, epoch: int, skip: int):
+    """Iterations ``skip``.. of ``epoch``; returns the epoch's mean loss (None: simulated kill).
+    The host reads device values only at log rows, checkpoints and the end of the epoch."""
+    args, spe = run.args, run.batches.steps_per_epoch
+    run.batches.set_epoch(epoch, skip)
+    run.model.train(True)
+    run.optimizer.zero_grad(set_to_none=True)
+    bar = progress_bar(spe, skip, f"epoch {epoch + 1}/{args.epochs}", disable=not run.is_main or args.no_progress)
+    num_patches = run.model_without_ddp.patch_embed.num_patches
+    t_epoch = run.t_window = time.perf_counter()
+    run.window_images = 0
+    for it, imgs in enumerate(run.loader, start=skip):
+        step = epoch * spe + it
+        if it % args.accum_iter == 0:
+            run.lr = set_learning_rate(run.optimizer, it / spe + epoch, args)
+        imgs = imgs.to(run.device, non_blocking=True)
+        if step in args.simulate_nan_at_steps:
+            imgs = torch.full_like(imgs, float("nan"))
+        noise = mask_noise(args.seed, run.rank, step, imgs.shape[0], num_patches, run.device)
+        run.step(imgs, noise, it, step)
+        run.iterations_run += 1
+        run.window_images += run.images_per_iter
+        if (it + 1) % args.log_every == 0 or it == skip or it + 1 == spe:
+            _log_row(run, epoch, step, bar)
+        if bar is not None:
+            bar.update(1)
 
-                if args.simulate_kill_after_steps is not None and iterations_run >= args.simulate_kill_after_steps:
-                    if bar is not None:
-                        bar.close()
-                    say(f"(simulated kill after {iterations_run} iterations)")
-                    return 137
-                if (args.save_every_steps and (it + 1) % args.save_every_steps == 0
-                        and it + 1 < steps_per_epoch and is_main):
-                    save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"),
-                                    checkpoint_dict(model_without_ddp, optimizer, scaler, args,
-                                                    epoch - 1, it + 1, step + 1))
+        if args.simulate_kill_after_steps is not None and run.iterations_run >= args.simulate_kill_after_steps:
             if bar is not None:
                 bar.close()
+            run.say(f"(simulated kill after {run.iterations_run} iterations)")
+            return None
+        if run.checkpointer.due_mid_epoch(it):
+            _check_bad_steps(run)  # never overwrite the last good checkpoint after a bad streak
+            run.checkpointer.save_mid_epoch(epoch, it + 1)
+    if bar is not None:
+        bar.close()
+    epoch_loss, loss_count = run.step.read_epoch()
+    bad_total = _check_bad_steps(run)
+    epoch_time = time.perf_counter() - t_epoch
+    skipped = f", {bad_total} non-finite updates skipped so far" if bad_total else ""
+    run.say(f"epoch {epoch + 1}/{args.epochs}: loss {epoch_loss:.4f} (mean of {loss_count} it), "
+            f"lr {run.lr:.3g}, {(spe - skip) * run.images_per_iter / epoch_time:.0f} img/s, {epoch_time:.1f} s"
+            f"{skipped}")
+    return epoch_loss
 
-            epoch_loss = all_reduce_mean(loss_sum / max(loss_count, 1), device, distributed)
-            epoch_losses.append(epoch_loss)
-            epoch_time = time.perf_counter() - t_epoch
-            say(f"epoch {epoch + 1}/{args.epochs}: loss {epoch_loss:.4f} (mean of {loss_count} it), "
-                f"lr {lr:.3g}, {loss_count * images_per_iter / epoch_time:.0f} img/s, {epoch_time:.1f} s")
-            if is_main:
-                ckpt = checkpoint_dict(model_without_ddp, optimizer, scaler, args, epoch, 0,
-                                       (epoch + 1) * steps_per_epoch)
-                save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"), ckpt)
-                if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-                    save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), ckpt)
-                if tb is not None:
-                    tb.add_scalar("epoch_loss", epoch_loss, epoch)
-                if preview is not None:
-                    from .visualize import save_reconstructions
-                    path = save_reconstructions(model_without_ddp, preview[0],
-                                                os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"),
-                                                args.mask_ratio, preview[1])
-                    say(f"  wrote {path}  (rows: masked input | reconstruction + visible | original)")
-            if distributed:
-                dist.barrier()
-    finally:
-        if csv_log is not None:
-            csv_log.close()
-        if tb is not None:
-            tb.close()
 
-    total = time.perf_counter() - t_start
-    if first_loss is not None:
-        say(f"done: {iterations_run} iterations in {total:.1f} s ({iterations_run * images_per_iter / total:.0f} img/s); "
-            f"loss {first_loss:.4f} (first logged) -> {epoch_losses[-1]:.4f} (last epoch mean)")
-    if args.linprobe and is_main:
-        from .linprobe import compare_with_random_init
-        compare_with_random_init(model_without_ddp, args.model, args.input_size, args.seed, device,
-                                 norm_pix_loss=args.norm_pix_loss, backend=args.backend)
-    return 0
+def _log_row(run, epoch: int, step: int, bar) -> None:
+    """One log.csv / TensorBoard row: the mean loss since the last row (one host read)."""
+    loss_mean = run.step.read_window()
+    bad_total = _check_bad_steps(run)
+    now = time.perf_counter()
+    img_s = run.window_images / max(now - run.t_window, 1e-9)
+    run.t_window, run.window_images = now, 0
+    if run.first_loss is None:
+        run.first_loss = loss_mean
+    run.log.row(step, {"train_loss": loss_mean, "lr": run.lr}, epoch=epoch, loss=f"{loss_mean:.6f}",
+                lr=f"{run.lr:.6g}", img_per_s=f"{img_s:.4g}", bad_steps=bad_total)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{run.lr:.2e}", img_s=f"{img_s:.0f}")
+
+
+def _check_bad_steps(run) -> int:
+    """Total skipped updates so far; TrainingError once --max-bad-steps of them came in a row."""
+    total, longest, start = run.step.bad_steps()
+    if longest >= run.args.max_bad_steps:
+        raise TrainingError(
+            f"{longest} consecutive updates had a non-finite loss or gradient (the first at global iteration "
+            f"{start}; {total} skipped in all); stopping. Last good checkpoint: {run.checkpointer.last_saved}")
+    return total
+
+
+def _end_epoch(run, epoch: int, epoch_loss: float) -> None:
+    """Checkpoints, the epoch's TensorBoard scalar, kNN accuracy and reconstruction picture, the DDP barrier."""
+    run.checkpointer.save_epoch_end(epoch)
+    if run.log.tb is not None:
+        run.log.tb.add_scalar("epoch_loss", epoch_loss, epoch)
+    knn, preview = run.knn, run.preview
+    if knn is not None and ((epoch + 1) % run.args.knn_every == 0 or epoch + 1 == run.args.epochs):
+        t = time.perf_counter()
+        acc = knn(run.model_without_ddp)
+        step = (epoch + 1) * run.batches.steps_per_epoch - 1
+        run.log.row(step, {"knn_acc": acc}, epoch=epoch, knn_acc=f"{acc:.4f}")
+        run.say(f"  kNN accuracy on {knn.name} (k={knn.k}, encoder features, 25% held out): {100 * acc:.1f}% "
+                f"({time.perf_counter() - t:.1f} s)")
+    if preview is not None:
+        from .visualize import save_reconstructions
+        path = save_reconstructions(run.model_without_ddp, preview[0],
+                                    os.path.join(run.args.output_dir, f"recon-epoch{epoch:03d}.png"),
+                                    run.args.mask_ratio, preview[1])
+        run.say(f"  wrote {path}  (rows: masked input | reconstruction + visible | original)")
+    if run.distributed:
+        dist.barrier()
 
 
 def main(argv=None) -> int:

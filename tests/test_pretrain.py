@@ -31,7 +31,7 @@ def run_pretrain(out_dir, *extra):
 
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [r for r in csv.DictReader(f) if r["loss"]]  # training rows (kNN rows have no loss)
     return [int(r["step"]) for r in rows], torch.tensor([float(r["loss"]) for r in rows], dtype=torch.float64)
 
 

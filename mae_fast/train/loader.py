@@ -1,0 +1,61 @@
+"""The data part: the data set, the batches of an epoch, and one loader for the whole run.
+
+Each batch is a list of ``(index, sample_seed)`` keys (see ``seeds``), drawn from a
+``DistributedSampler`` shuffled by ``(seed, epoch)``. ``EpochBatches.set_epoch(epoch, skip)``
+chooses the epoch (and the iterations a resumed run skips); the ``DataLoader`` built once on it
+re-reads the batches at every ``iter(loader)``, so with ``--num-workers`` > 0 the same worker
+processes serve every epoch (``persistent_workers``) and the pixels stay a function of the keys only.
+"""
+import os
+
+import torch
+
+from .seeds import sample_seed
+from ..data import BuiltinImages, ImageFolder, stack
+
+
+def build_dataset(args):
+    """(dataset, one-line description) for --data-path or the built-in images."""
+    if args.data_path is not None:
+        dataset = ImageFolder(args.data_path, args.input_size, (args.min_crop_scale, 1.0))
+        return dataset, f"ImageFolder {dataset.root}: {len(dataset)} images, {len(dataset.classes)} classes"
+    dataset = BuiltinImages(args.input_size, args.builtin_size, (args.min_crop_scale, 1.0))
+    return dataset, (f"built-in: {len(dataset.photo_names)} scikit-image photos + {len(dataset.faces)} "
+                     f"LFW-subset images, random crops, {len(dataset)} samples/epoch")
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batch sampler: the full batches of this rank's shard of epoch ``epoch``, from ``skip`` on."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.shard = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                                         shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.steps_per_epoch = len(self.shard) // batch_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.shard.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        indices = list(self.shard)
+        bs = self.batch_size
+        for b in range(self.skip, self.steps_per_epoch):
+            yield [(idx, sample_seed(self.seed, self.epoch, idx)) for idx in indices[b * bs:(b + 1) * bs]]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.skip
+
+
+def default_num_workers(device: torch.device, world_size: int) -> int:
+    """0 on CPU (the workers would take the cores the model needs), min(10, cores / processes) on GPU."""
+    return 0 if device.type != "cuda" else min(10, max(1, (os.cpu_count() or 1) // world_size))
+
+
+def build_loader(dataset, batches: EpochBatches, num_workers: int, device: torch.device):
+    """One DataLoader for the whole run: its workers (if any) persist across epochs."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0,
+                                       pin_memory=device.type == "cuda", collate_fn=stack)
