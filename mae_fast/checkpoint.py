@@ -113,6 +113,22 @@ def plain_args(args) -> dict:
     return dict(args)
 
 
+def checkpoint_args(obj: dict) -> dict:
+    """The args of a checkpoint ``read_checkpoint`` returned, as a dict: a ``.safetensors`` file's
+    metadata (values JSON-decoded where they are JSON) or the ``args`` entry (Namespace or dict);
+    {} when it has neither."""
+    if "metadata" in obj:
+        out = {}
+        for k, v in obj["metadata"].items():
+            try:
+                out[k] = json.loads(v)
+            except ValueError:
+                out[k] = v
+        return out
+    args = obj.get("args")
+    return plain_args(args) if isinstance(args, (dict, argparse.Namespace)) else {}
+
+
 def load_training_checkpoint(path) -> dict:
     """Read an official ``checkpoint-N.pth`` or a mae_fast training checkpoint into one dict:
 
