@@ -115,10 +115,15 @@ def resume_training(ckpt: dict, path: str, args, model, optimizer, scaler, steps
     if differ:
         say(f"note: resuming with different {', '.join(differ)} than the checkpoint: "
             "the loss trajectory will differ from an uninterrupted run")
+    # the run's options set the group hyperparameters (--weight-decay; lr is set every iteration,
+    # a tensor under CUDA graphs); the file gives the state: Adam moments and step counts
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         report = checkpoint.resume_training(ckpt, model, optimizer, scaler)
     except ValueError as e:
         raise UsageError(f"--resume {path}: {e}") from e
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
     for note in report.notes:
         say(f"note: {note}")
     start_epoch, start_step = report.start_epoch, report.start_step
