@@ -17,7 +17,7 @@ import importlib.util
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_FLOOR = "2.11"  # the oldest torch CI runs the suite on (with triton 3.6): `make test-compat`
@@ -65,7 +65,8 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["mae_fast", "mae_fast.ops", "mae_fast.kernels", "mae_fast.csrc"],
+    # every package under mae_fast/ (a hand-kept list missed mae_fast.train), plus the two mapped dirs
+    packages=sorted(find_packages(include=["mae_fast", "mae_fast.*"])) + ["mae_fast.kernels", "mae_fast.csrc"],
     # the C++/CUDA sources ship inside the package: a first-use (JIT) build compiles them there
     package_dir={"mae_fast.kernels": "kernels", "mae_fast.csrc": "csrc"},
     package_data={"mae_fast.csrc": ["*.h", "*.cpp", "cuda/*.cu", "cuda/*.h"]},

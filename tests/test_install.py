@@ -141,6 +141,11 @@ def test_sdist_and_wheel_carry_every_build_file(tmp_path):
         in_wheel = set(whl.namelist())
     csrc_files = ["mae_fast/" + os.path.relpath(f, ROOT) for f in _build_spec.source_files(os.path.join(ROOT, "csrc"))]
     assert not [f for f in csrc_files + ["mae_fast/kernels/patch_gather.py"] if f not in in_wheel]
+    # and every module of the package (a subpackage left out of setup.py fails only once installed)
+    modules = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(os.path.join(ROOT, "mae_fast"))
+               if "__pycache__" not in d for f in files if f.endswith(".py")]
+    assert "mae_fast/train/step.py" in modules
+    assert not [f for f in modules if f not in in_wheel], sorted(in_wheel)
     assert not [f for f in in_wheel if f.endswith(".so")]
 
 
