@@ -109,7 +109,7 @@ def main(argv=None) -> int:
             print(header)
             for w in counts:
                 r = measure(dataset, args.batch_size, w, args.batches, args.warmup, args.seed, device)
-                print(f"{mode:>9} {r['workers']:>7} {r['img_s']:>9.1f} {r['ms_batch']:>9.1f} {r['dtype']:>8} "
+                print(f"{mode if args.data_path else 'in-memory':>9} {r['workers']:>7} {r['img_s']:>9.1f} {r['ms_batch']:>9.1f} {r['dtype']:>8} "
                       f"{r['bytes_img'] / 1024:>8.0f} {r['bad_samples']:>4}", flush=True)
     except DataError as e:
         print(f"mae-fast bench-data: error: {e}", file=sys.stderr)

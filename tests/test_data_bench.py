@@ -26,7 +26,7 @@ def test_bench_data_builtin_two_worker_counts(capsys):
     out = capsys.readouterr().out
     assert "built-in" in out
     rows = _rows(out)
-    assert sorted(rows) == [("pil", 0), ("pil", 1)]
+    assert sorted(rows) == [("in-memory", 0), ("in-memory", 1)]  # the photos are decoded once
     assert all(img_s > 0 and dtype == "float32" and bad == 0 for img_s, dtype, bad in rows.values())
 
 
