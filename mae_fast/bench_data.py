@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             raise DataError("--decode applies to an ImageFolder (--data-path); the built-in images are decoded once")
         print(f"{args.input_size}px, batch {args.batch_size}, {args.warmup} warm-up + {args.batches} timed batches, "
               f"device {device}, {torch.get_num_threads()} torch threads in the main process")
-        header = f"{'decode':>9} {'workers':>7} {'img/s':>9} {'ms/batch':>9} {'dtype':>8} {'KiB/img':>8} {'bad':>4}"
+        header = f"{'decode':>11} {'workers':>7} {'img/s':>9} {'ms/batch':>9} {'dtype':>8} {'KiB/img':>8} {'bad':>4}"
         for mode in modes:
             args.decode = mode
             dataset, desc = build_dataset(args)
@@ -109,7 +109,8 @@ def main(argv=None) -> int:
             print(header)
             for w in counts:
                 r = measure(dataset, args.batch_size, w, args.batches, args.warmup, args.seed, device)
-                print(f"{mode if args.data_path else 'in-memory':>9} {r['workers']:>7} {r['img_s']:>9.1f} {r['ms_batch']:>9.1f} {r['dtype']:>8} "
+                label = mode if args.data_path else "in-memory"
+                print(f"{label:>11} {r['workers']:>7} {r['img_s']:>9.1f} {r['ms_batch']:>9.1f} {r['dtype']:>8} "
                       f"{r['bytes_img'] / 1024:>8.0f} {r['bad_samples']:>4}", flush=True)
     except DataError as e:
         print(f"mae-fast bench-data: error: {e}", file=sys.stderr)

@@ -73,9 +73,13 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def to_normalized_tensor(img: Image.Image, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    """PIL RGB (H, W) -> float32 (3, H, W): ToTensor (/255) then Normalize(mean, std)."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, H, W)
+def to_normalized_tensor(img, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """PIL RGB (H, W), or a uint8 tensor (3, H, W) -> float32 (3, H, W): ToTensor (/255) then
+    Normalize(mean, std)."""
+    if isinstance(img, torch.Tensor):
+        x = img.to(torch.float32) / 255.0  # (3, H, W)
+    else:
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, H, W)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - mean_t) / std_t
@@ -115,17 +119,33 @@ class TrainTransform:
         self.scale = tuple(scale)
         self.draft = draft
 
-    def __call__(self, img: Image.Image, sample_seed: int) -> torch.Tensor:
+    def draw(self, width: int, height: int, sample_seed: int):
+        """(left, top, w, h) crop box and flip, from the sample seed and the image size only."""
         rng = np.random.default_rng(sample_seed)
-        left, top, w, h = random_resized_crop_box(img.width, img.height, rng, self.scale)
+        box = random_resized_crop_box(width, height, rng, self.scale)
+        return box, bool(rng.random() < 0.5)
+
+    def __call__(self, img: Image.Image, sample_seed: int) -> torch.Tensor:
+        (left, top, w, h), flip = self.draw(img.width, img.height, sample_seed)
         box = (left, top, left + w, top + h)
         if self.draft:
             img, box = jpeg_draft(img, box, self.size)
         if img.mode != "RGB":
             img = img.convert("RGB")
         out = img.resize((self.size, self.size), Image.BICUBIC, box=box)
-        if rng.random() < 0.5:
+        if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(out)
+
+    def on_tensor(self, img: torch.Tensor, sample_seed: int) -> torch.Tensor:
+        """The same draws on a decoded uint8 (3, H, W) tensor, cropped and resized by torchvision
+        (bicubic, antialiased): ``--decode torchvision``."""
+        from torchvision.transforms.v2 import InterpolationMode, functional as TF
+        (left, top, w, h), flip = self.draw(img.shape[-1], img.shape[-2], sample_seed)
+        out = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
+                              interpolation=InterpolationMode.BICUBIC, antialias=True)  # (3, size, size) uint8
+        if flip:
+            out = out.flip(-1)
         return to_normalized_tensor(out)
 
 
@@ -215,14 +235,23 @@ class ImageFolder(_Images):
 
     Classes are the sorted sub-folders (labels 0..K-1); image files are found recursively inside
     each class folder. Images directly under ``root`` (no class folders) form a single class.
-    ``decode``: "pil" (decode the whole image) or "pil-draft" (JPEGs decoded at a reduced DCT scale
-    when the random crop is at least twice the output side; see ``jpeg_draft``).
+    ``decode``: "pil" (decode the whole image), "pil-draft" (JPEGs decoded at a reduced DCT scale
+    when the random crop is at least twice the output side; see ``jpeg_draft``) or "torchvision"
+    (``torchvision.io.decode_image`` + ``resized_crop``, when torchvision is installed; training
+    views only, the evaluation view stays PIL). All three make the same crop and flip draws.
     """
-    DECODE_MODES = ("pil", "pil-draft")
+    DECODE_MODES = ("pil", "pil-draft", "torchvision")
 
     def __init__(self, root: str, size: int, scale=(0.2, 1.0), decode: str = "pil"):
         if decode not in self.DECODE_MODES:
             raise DataError(f"decode mode {decode!r}: one of {', '.join(self.DECODE_MODES)}")
+        if decode == "torchvision":
+            try:
+                import torchvision.io  # noqa: F401
+                from torchvision.transforms.v2 import functional  # noqa: F401
+            except Exception as e:
+                raise DataError(f"--decode torchvision needs torchvision (pip install torchvision, matching "
+                                f"your torch): {type(e).__name__}: {e}") from e
         super().__init__(size, scale, draft=decode == "pil-draft")
         self.decode = decode
         root = os.path.expanduser(os.fspath(root))
@@ -261,9 +290,16 @@ class ImageFolder(_Images):
             raise _unreadable(path, e) from e
 
     def train_view(self, index: int, sample_seed: int) -> torch.Tensor:
+        path = self.samples[index][0]
+        if self.decode == "torchvision":
+            from torchvision.io import ImageReadMode, decode_image, read_file
+            try:
+                img = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+            except Exception as e:
+                raise _unreadable(path, e) from e
+            return self.train_transform.on_tensor(img, sample_seed)
         if not self.train_transform.draft:
             return super().train_view(index, sample_seed)
-        path = self.samples[index][0]
         try:  # decoded inside the transform, after the crop is known
             with open(path, "rb") as f:
                 return self.train_transform(Image.open(f), sample_seed)

@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: built-in scikit-image photos and faces")
     g.add_argument("--builtin-size", type=int, default=4096, help="samples per epoch of the built-in data")
     g.add_argument("--decode", default="pil", choices=ImageFolder.DECODE_MODES,
-                   help="ImageFolder decoding: pil (whole image) or pil-draft (JPEG at a reduced DCT scale "
-                        "when the crop is >= 2x the output; docs/DATA.md)")
+                   help="ImageFolder decoding: pil (whole image), pil-draft (JPEG at a reduced DCT scale "
+                        "when the crop is >= 2x the output) or torchvision (if installed); docs/DATA.md")
     g.add_argument("--strict-data", action="store_true",
                    help="stop at the first unreadable image (default: replace it by another sample, warn, "
                         "count it in log.csv bad_samples)")

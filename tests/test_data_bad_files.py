@@ -80,9 +80,11 @@ def test_a_tree_of_only_unreadable_files_gives_a_clear_error(tmp_path):
         data.load((0, 1))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_loader_batches_stay_full_and_equal_for_any_worker_count(tmp_path, workers):
-    data = ImageFolder(_write_tree(tmp_path / "d"), 16)
+@pytest.mark.parametrize("workers, decode", [(0, "pil"), (2, "pil"), (2, "pil-draft"), (2, "torchvision")])
+def test_loader_batches_stay_full_and_equal_for_any_worker_count(tmp_path, workers, decode):
+    if decode == "torchvision":
+        pytest.importorskip("torchvision")
+    data = ImageFolder(_write_tree(tmp_path / "d"), 16, decode=decode)
     out = {}
     for w in (0, workers):
         batches = EpochBatches(data, batch_size=3, seed=1)

@@ -53,3 +53,30 @@ def test_draft_views_are_close_to_the_full_decode(tmp_path):
 def test_unknown_decode_mode_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="decode mode 'gpu'"):
         ImageFolder(tmp_path, 16, decode="gpu")
+
+
+def test_torchvision_views_match_the_pil_views_closely(tmp_path):
+    pytest.importorskip("torchvision")
+    (tmp_path / "d" / "c").mkdir(parents=True)
+    for i in range(3):
+        _smooth_rgb(96 + 8 * i, 64).save(tmp_path / "d" / "c" / f"{i}.jpg", quality=95)
+    _smooth_rgb(80, 72).save(tmp_path / "d" / "c" / "3.png")
+    pil = ImageFolder(tmp_path / "d", 24)
+    tv = ImageFolder(tmp_path / "d", 24, decode="torchvision")
+    for key in [(0, 1), (1, 2), (2, 3), (3, 4), (3, 5)]:
+        a, b = pil[key], tv[key]
+        assert b.shape == (3, 24, 24) and b.dtype == torch.float32
+        # the same crop and flip; decoders and bicubic kernels differ by about a grey level
+        assert (a - b).abs().mean() < 0.02, (key, (a - b).abs().mean())
+
+
+def test_torchvision_decode_reports_unreadable_files(tmp_path):
+    pytest.importorskip("torchvision")
+    from test_data_bad_files import _bad_indices, _write_tree
+    from mae_fast.data import UnreadableImage
+    data = ImageFolder(_write_tree(tmp_path / "d"), 16, decode="torchvision")
+    for i in _bad_indices(data):
+        with pytest.raises(UnreadableImage, match=data.samples[i][0].split("/")[-1]):
+            data[(i, 7)]
+        img, bad = data.load((i, 7))
+        assert img.shape == (3, 16, 16) and bad[0][0] == data.samples[i][0]
