@@ -11,9 +11,11 @@ Backends
   * ``math``     - ``mae_fast.reference.attention``: ``softmax((q @ k^T) * scale) @ v`` in timm
     0.3.2's order, the oracle and the only path that returns the attention weights
     (``return_attn=True``, or ``attention_maps(model, imgs)`` for a whole model).
-  * ``auto``     - xformers when it imports, the tensors are on CUDA and xformers' own dispatcher
-    accepts the inputs (dtype, head dim, GPU capability: asked per input signature, cached);
-    otherwise sdpa. Falling back never raises; it warns once per reason (not per call) when
+  * ``auto``     - xformers when it imports, the tensors are on CUDA, torch is a CUDA (not a ROCm)
+    build and xformers' own dispatcher accepts the inputs (dtype, head dim, GPU capability:
+    asked per input signature, cached); otherwise sdpa. On ROCm (``torch.version.hip`` set) auto
+    is sdpa, torch's own kernels, as the rest of mae_fast keeps to torch there
+    (``mae_fast.backends``); an explicit ``xformers`` is still tried. Falling back never raises; it warns once per reason (not per call) when
     xformers is installed but cannot run (a broken import, or inputs its dispatcher rejects).
     An xformers that is simply not installed is the normal case of an optional extra: no warning,
     ``python -m mae_fast.info`` says so.
@@ -142,6 +144,10 @@ def _choose(device: torch.device, backend: str) -> Choice:
     if device.type != "cuda":
         return Choice("attention", "sdpa", f"{device.type} tensors: xformers runs on CUDA only "
                                            f"({_xformers_installed_hint()}); torch SDPA")
+    hip = getattr(torch.version, "hip", None)
+    if hip:  # no import of xformers, no warning: mae_fast.backends warns once about ROCm
+        return Choice("attention", "sdpa", f"ROCm build of torch (torch.version.hip = {hip}): "
+                                           "auto keeps to torch's own SDPA, not xformers")
     xops, why, installed = _load_xformers()
     if xops is None:
         if installed:  # a broken install is worth a warning; a missing optional extra is not

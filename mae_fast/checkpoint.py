@@ -30,6 +30,8 @@ _POS_KEYS = ("pos_embed", "decoder_pos_embed")
 CHECKPOINT_SAFE_GLOBALS = (argparse.Namespace,)
 SAFETENSORS_SUFFIX = ".safetensors"
 TRAINING_KEYS = ("model", "optimizer", "epoch")
+# param-group entries that pick an optimizer implementation: kept from the live optimizer on resume
+OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def optional_import(module: str, pip_name: Optional[str] = None, why: str = ""):
@@ -111,6 +113,22 @@ def plain_args(args) -> dict:
     if not isinstance(args, dict):
         raise TypeError(f"checkpoint 'args' must be a Namespace or a dict, got {type(args).__name__}")
     return dict(args)
+
+
+def checkpoint_args(obj: dict) -> dict:
+    """The args of a checkpoint ``read_checkpoint`` returned, as a dict: a ``.safetensors`` file's
+    metadata (values JSON-decoded where they are JSON) or the ``args`` entry (Namespace or dict);
+    {} when it has neither."""
+    if "metadata" in obj:
+        out = {}
+        for k, v in obj["metadata"].items():
+            try:
+                out[k] = json.loads(v)
+            except ValueError:
+                out[k] = v
+        return out
+    args = obj.get("args")
+    return plain_args(args) if isinstance(args, (dict, argparse.Namespace)) else {}
 
 
 def load_training_checkpoint(path) -> dict:
@@ -238,7 +256,8 @@ class ResumeReport:
 def resume_training(path_or_ckpt, model, optimizer, scaler=None) -> ResumeReport:
     """Continue a run from an official ``checkpoint-N.pth`` or a mae_fast checkpoint: load the
     model (strict), the optimizer (mapped across the weight-decay group recipes when needed),
-    the GradScaler when it is enabled and the checkpoint has one. Returns the epoch / iteration
+    the GradScaler when it is enabled and the checkpoint has one. The optimizer's implementation
+    (``fused``, ``foreach``, ``capturable``) stays the live one's. Returns the epoch / iteration
     to start at, the checkpoint's args (dict) and notes to print (what was mapped).
 
     ``path_or_ckpt`` is a path or a dict from ``load_training_checkpoint``."""
@@ -253,7 +272,13 @@ def resume_training(path_or_ckpt, model, optimizer, scaler=None) -> ResumeReport
         raise ValueError(f"{source}: model keys differ: missing {missing[:6]}, unexpected {unexpected[:6]}")
     model.load_state_dict(ckpt["model"])
     state, note = map_optimizer_state(ckpt["optimizer"], model, optimizer, source=source)
+    # which kernel runs is this optimizer's choice, not the file's: load_state_dict would take
+    # the saved fused/foreach/capturable (an official file has fused=None: the fused step of a
+    # mae_fast run would then hand found_inf to the single-tensor AdamW, which refuses it)
+    implementation = [{k: g[k] for k in OPTIMIZER_IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, implementation):
+        group.update(keep)
     notes = [note] if note else []
     if scaler is not None and scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .checkpoint import (is_safetensors, load_official_checkpoint, optional_import, plain_args,
+from .checkpoint import (checkpoint_args, is_safetensors, load_official_checkpoint, optional_import,
                          read_checkpoint, read_state_dict, save_state_dict)
 from .model import MaskedAutoencoderViT
 
@@ -205,7 +205,7 @@ def load_mae(path, *, kind: Optional[str] = None, **overrides):
         raise ValueError(f"unknown source kind {kind!r}; choose from hf, official, safetensors, timm")
     obj = read_checkpoint(path)
     sd = dict(read_state_dict(obj))
-    args = _args_of(obj)
+    args = checkpoint_args(obj)
     report = ConversionReport()
     if kind == "timm":
         for k in [k for k in sd if k.startswith(("head.", "fc_norm."))]:
@@ -225,20 +225,6 @@ def load_mae(path, *, kind: Optional[str] = None, **overrides):
     if loaded.missing_keys:
         report.notes.append(f"{len(loaded.missing_keys)} decoder tensors not in the source keep their init")
     return model, report
-
-
-def _args_of(obj: dict) -> dict:
-    """A checkpoint's args: safetensors metadata (JSON-encoded strings) or its 'args' entry."""
-    if "metadata" in obj:
-        out = {}
-        for k, v in obj["metadata"].items():
-            try:
-                out[k] = json.loads(v)
-            except ValueError:
-                out[k] = v
-        return out
-    args = obj.get("args")
-    return plain_args(args) if isinstance(args, (dict, argparse.Namespace)) else {}
 
 
 def guess_kind(path) -> str:

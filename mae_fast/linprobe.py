@@ -117,7 +117,9 @@ def compare_with_random_init(model, model_name: str, input_size: int, seed: int,
 def build_parser():
     p = argparse.ArgumentParser(prog="mae-fast linprobe",
                                 description="Linear probe of a pretrained MAE encoder vs its random init.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of mae-fast pretrain (or official MAE)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint of mae-fast pretrain, an official MAE one (weights or a main_pretrain.py "
+                        "checkpoint-N.pth), or a .safetensors file")
     p.add_argument("--model", default=None, help="model name (default: from the checkpoint's args)")
     p.add_argument("--input-size", type=int, default=None, help="default: from the checkpoint's args")
     p.add_argument("--data-path", default=None, help="ImageFolder with class sub-folders (default: digits)")
@@ -132,20 +134,21 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from .checkpoint import load_official_checkpoint, read_state_dict
+    from .checkpoint import checkpoint_args, load_official_checkpoint, read_checkpoint, read_state_dict
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     try:
+        # weights-only: a mae-fast checkpoint, an official one (its args an argparse.Namespace)
+        # or a .safetensors file (args from its metadata)
         try:
-            ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            ckpt = read_checkpoint(args.checkpoint)
         except FileNotFoundError as e:
             raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist") from e
-        except Exception as e:
-            raise UsageError(f"--checkpoint {args.checkpoint!r} is not a weights-only checkpoint "
-                             f"({type(e).__name__}: {e})") from e
-        saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+        except ImportError as e:
+            raise UsageError(str(e)) from e
+        saved = checkpoint_args(ckpt)
         model_name = args.model or saved.get("model")
         input_size = args.input_size or saved.get("input_size")
         if model_name is None or input_size is None:
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
                                  norm_pix_loss=bool(saved.get("norm_pix_loss", False)), pool=args.pool,
                                  data_path=args.data_path, amp_dtype=amp_dtype)
         return 0
-    except ValueError as e:  # UsageError, DataError, a checkpoint that does not fit the model
+    except (ValueError, TypeError) as e:  # UsageError, DataError, a checkpoint that does not fit the model
         print(f"mae-fast linprobe: error: {e}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,8 @@ same probe on the random initialisation. With ``--model mae_vit_base_patch16 --d
 /imagenet`` and ``torchrun --nproc_per_node=8`` it is the official ImageNet pretraining.
 
 Recipe (facebookresearch/mae ``main_pretrain.py`` / ``engine_pretrain.py`` / ``PRETRAIN.md``):
-AdamW(betas=(0.9, 0.95)), weight decay 0.05 except on 1-D parameters, biases and tokens,
+AdamW(betas=(0.9, 0.95)), weight decay 0.05 except on 1-D parameters and biases (the official
+groups; ``--weight-decay-recipe no-decay-tokens`` also exempts the cls/mask tokens),
 ``lr = blr * eff_batch / 256`` with ``eff_batch = batch_size * accum_iter * world_size``, linear
 warmup then half-cycle cosine set every iteration, gradient accumulation, RandomResizedCrop(0.2, 1)
 + flip, ``mask_ratio`` 0.75, ``norm_pix_loss`` optional, fp16 autocast with a grad scaler (or bf16).
@@ -19,7 +20,10 @@ on CPU, reproduces its losses bit for bit. (The global RNG states are saved and 
 A checkpoint is written atomically at the end of every epoch (``checkpoint-last.pth``; also
 ``checkpoint-<epoch>.pth`` every ``--save-freq`` epochs and at the end, as the official) and,
 with ``--save-every-steps K``, every K iterations inside an epoch: a killed run loses at most the
-iterations since the last checkpoint. ``--resume auto`` continues from ``checkpoint-last.pth``.
+iterations since the last checkpoint. ``--resume auto`` continues from ``checkpoint-last.pth``;
+``--resume checkpoint-N.pth`` also continues an official ``main_pretrain.py`` run (its schedule
+fills the options not given). ``--save-format safetensors`` also writes the weights of every kept
+checkpoint as ``checkpoint-<epoch>.safetensors``.
 
 This module is the command line and the wiring; the parts live in ``mae_fast.train`` (seeds,
 loader, amp, step, state, log). ``_train`` reads top to bottom: setup, data, model and optimizer,
@@ -36,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import lr_sched
 from .data import DataError, ImageFolder, stack
 from .knn import KnnMonitor
 from .linprobe import compare_with_random_init
@@ -45,8 +50,8 @@ from .train.amp import AMP_NAMES, resolve_amp
 from .train.loader import BadFiles, EpochBatches, build_dataset, build_loader, default_num_workers
 from .train.log import RunLog, progress_bar
 from .train.seeds import mask_noise, rng_state, sample_seed, seed_process, set_rng_state  # noqa: F401
-from .train.state import (Checkpointer, checkpoint_dict, load_resume, resume_path,  # noqa: F401
-                          resume_training, save_checkpoint)
+from .train.state import (SAVE_FORMATS, Checkpointer, check_save_format, checkpoint_dict,  # noqa: F401
+                          read_resume, resume_path, resume_training, save_checkpoint, schedule_from_official)
 from .train.step import TrainingError, TrainStep, build_optimizer, set_learning_rate
 
 
@@ -101,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0, help="lr floor of the cosine")
     g.add_argument("--warmup-epochs", type=float, default=None, help="[model]")
     g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--weight-decay-recipe", default=lr_sched.DEFAULT_WEIGHT_DECAY_RECIPE,
+                   choices=tuple(lr_sched.WEIGHT_DECAY_RECIPES),
+                   help="which parameters get no weight decay besides 1-D ones and biases: official (none; "
+                        "main_pretrain.py's groups, so official checkpoints resume as they are) or "
+                        "no-decay-tokens (also cls/mask tokens); a resume across recipes maps the Adam state")
     g.add_argument("--clip-grad", type=float, default=None, help="max grad norm (official: none)")
     g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
                    help="fused AdamW kernel (default: where this torch has one for the device, CPU included; "
@@ -132,8 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the tiny models on CPU, else torch's choice)")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' for "
-                                                  "OUTPUT_DIR/checkpoint-last.pth when it exists")
+    g.add_argument("--resume", default=None,
+                   help="training checkpoint to continue from (mae-fast's, or an official main_pretrain.py "
+                        "checkpoint-N.pth: its schedule fills the options not given here), or 'auto' for "
+                        "OUTPUT_DIR/checkpoint-last.pth when it exists")
+    g.add_argument("--save-format", default="pth", choices=SAVE_FORMATS,
+                   help="safetensors: also write the weights of every kept checkpoint-<epoch>.pth as "
+                        "checkpoint-<epoch>.safetensors (training checkpoints stay .pth to resume)")
     g.add_argument("--save-freq", type=int, default=20, help="keep checkpoint-<epoch>.pth every N epochs")
     g.add_argument("--save-every-steps", type=int, default=0,
                    help="also checkpoint every K iterations inside an epoch (0: epoch ends only)")
@@ -153,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     # for tests: NaN images at these global iterations (comma-separated)
     p.add_argument("--simulate-nan-at-steps", type=_int_set, default=frozenset(), help=argparse.SUPPRESS)
     return p
+
+
+def given_options(parser: argparse.ArgumentParser, argv) -> frozenset:
+    """The option dests named on the command line ``argv`` (parsed again with every default
+    suppressed): what an official checkpoint's schedule must not override."""
+    defaults = [(a, a.default) for a in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        return frozenset(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults:
+            action.default = default
 
 
 def _int_set(text: str) -> frozenset:
@@ -235,22 +263,29 @@ def init_distributed(device_arg):
 
 # ---------------------------------------------------------------------------------------------
 # the run
-def train(args) -> int:
+def train(args, given=None) -> int:
+    """Run ``args`` (from ``build_parser``); ``given``: the option dests the user named (default:
+    those whose value differs from the parser's default), which an official --resume leaves alone."""
+    if given is None:
+        defaults = vars(build_parser().parse_args([]))
+        given = frozenset(k for k, v in vars(args).items() if k not in defaults or v != defaults[k])
     rank, world_size, local_rank, device, distributed = init_distributed(args.device)
     threads = torch.get_num_threads()
     try:
-        return _train(args, rank, world_size, device, distributed)
+        return _train(args, rank, world_size, device, distributed, given)
     finally:
         torch.set_num_threads(threads)  # --num-threads lasts for this run only (in-process callers)
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args, rank, world_size, device, distributed) -> int:
+def _train(args, rank, world_size, device, distributed, given=frozenset()) -> int:
+    resume = _read_resume(args, given, print_on(rank == 0))
     args = resolve_args(args, world_size)
+    check_save_format(args)
     _setup_threads(args, device)
     os.makedirs(args.output_dir, exist_ok=True)
-    run = _setup_run(args, rank, world_size, device, distributed)
+    run = _setup_run(args, rank, world_size, device, distributed, resume)
 
     t_start = time.perf_counter()
     epoch_loss = None
@@ -274,7 +309,21 @@ def _train(args, rank, world_size, device, distributed) -> int:
     return 0
 
 
-def _setup_run(args, rank, world_size, device, distributed) -> SimpleNamespace:
+def _read_resume(args, given, say):
+    """(path, checkpoint) of --resume, or None; an official checkpoint's schedule fills the
+    options the user did not give, before they are resolved."""
+    path = resume_path(args.resume, args.output_dir)
+    if not path:
+        return None
+    ckpt = read_resume(path)
+    if ckpt["format"] == "official":
+        taken = schedule_from_official(ckpt, args, given)
+        say(f"official checkpoint {path}: the schedule not given here comes from its args: "
+            f"{', '.join(taken) or 'nothing'}")
+    return path, ckpt
+
+
+def _setup_run(args, rank, world_size, device, distributed, resume=None) -> SimpleNamespace:
     """Everything a run needs, in order: data, model, amp, optimizer, resume, DDP/compile, loader,
     header, preview, kNN monitor, logs, the step and the checkpointer."""
     is_main = rank == 0
@@ -302,10 +351,9 @@ def _setup_run(args, rank, world_size, device, distributed) -> SimpleNamespace:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, start_step = 0, 0
-    resume = resume_path(args.resume, args.output_dir)
     if resume:
-        start_epoch, start_step = resume_training(resume, args, model_without_ddp, optimizer, scaler,
-                                                  steps_per_epoch, say)
+        start_epoch, start_step = resume_training(resume[1], resume[0], args, model_without_ddp, optimizer,
+                                                  scaler, steps_per_epoch, say)
     model = model_without_ddp
     if distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -498,7 +546,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # argparse printed its message (or --help)
         return int(e.code or 0)
     try:
-        return train(args)
+        return train(args, given_options(parser, argv))
     except (UsageError, DataError) as e:
         print(f"mae-fast pretrain: error: {e}", file=sys.stderr)
         return 2

@@ -290,6 +290,22 @@ def test_auto_on_cpu_is_sdpa_even_with_xformers(fake_xformers):
     assert not fake_xformers.calls
 
 
+def test_auto_on_rocm_is_sdpa_even_with_xformers(fake_xformers, monkeypatch):
+    """A ROCm torch (torch.version.hip set): auto keeps to torch's SDPA, as the rest of mae_fast
+    keeps to torch there; an explicit xformers is still honoured."""
+    monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
+    A._clear_caches()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        c = backends.choose("attention", "cuda", "auto")
+    assert c.impl == "sdpa" and "torch.version.hip = 6.2.0" in c.reason
+    assert not attn_warnings(record)
+    assert backends.choose("attention", "cuda", "xformers").impl == "xformers"
+    monkeypatch.setattr(torch.version, "hip", None)
+    A._clear_caches()
+    assert backends.choose("attention", "cuda", "auto").impl == "xformers"  # the same, on CUDA
+
+
 def test_not_installed_falls_back_quietly(no_xformers):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

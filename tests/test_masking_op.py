@@ -263,6 +263,7 @@ def test_cuda_matches_cpu_op(dtype, N, L):
         assert_equal_outputs([t.cpu() for t in gpu], cpu)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and _ext.LOADED and _ext.built_with_cuda()),
                     reason="needs a GPU and mae_fast._C built with CUDA")
 def test_cuda_rejects_rows_longer_than_shared_memory():

@@ -118,13 +118,15 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint-last.pth")
     pretrain.save_checkpoint(path, {"epoch": 0, "model": {"w": torch.ones(2)}})
 
-    def broken_save(obj, f):
-        f.write(b"half a checkpoint")
+    def broken_save(obj, f):  # the trainer writes through mae_fast.checkpoint: a temporary path
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         pretrain.save_checkpoint(path, {"epoch": 1, "model": {"w": torch.zeros(2)}})
+    monkeypatch.undo()
     assert load_ckpt(path)["epoch"] == 0  # the previous checkpoint is intact
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
 

@@ -3,35 +3,26 @@
 Format: the official ``{"model", "optimizer", "epoch", "scaler", "args"}`` (``epoch`` = last
 completed epoch, ``args`` a plain dict, ``scaler`` a GradScaler state the official loader accepts)
 plus mae_fast's extras for an exact mid-epoch resume: ``step_in_epoch``, ``global_step``, the RNG
-states and the version. Everything loads with ``torch.load(..., weights_only=True)``; the weights
-go through ``mae_fast.checkpoint`` (``read_state_dict``). Writes are atomic.
+states and the version. Reading and writing go through ``mae_fast.checkpoint``: weights-only
+loads (an official ``checkpoint-N.pth`` with its ``argparse.Namespace`` args included), the
+optimizer state mapped across the weight-decay recipes, atomic writes. ``--save-format
+safetensors`` also writes the weights of every kept checkpoint as ``checkpoint-<epoch>.safetensors``
+(architecture in the metadata); the training checkpoints that resume stay ``.pth``.
 """
 import os
 
 import torch
 
-from ..checkpoint import read_state_dict
+from .. import checkpoint
+from ..checkpoint import save_checkpoint
 from ..recipes import UsageError
 from .seeds import rng_state, set_rng_state
 
 LAST = "checkpoint-last.pth"
+SAVE_FORMATS = ("pth", "safetensors")
 # args that change the trajectory: a resume with other values is allowed, with a note
 TRAJECTORY_ARGS = ("batch_size", "accum_iter", "world_size", "epochs", "blr", "lr", "seed",
-                   "mask_ratio", "norm_pix_loss", "data_path", "builtin_size")
-
-
-def save_checkpoint(path: str, obj: dict) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace (atomic)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+                   "mask_ratio", "norm_pix_loss", "data_path", "builtin_size", "weight_decay_recipe")
 
 
 def _scaler_state(scaler) -> dict:
@@ -65,17 +56,14 @@ def checkpoint_dict(model, optimizer, scaler, args, epoch_done: int, step_in_epo
     }
 
 
-def load_resume(path: str):
+def read_resume(path: str) -> dict:
+    """``checkpoint.load_training_checkpoint(path)`` (official or mae_fast), UsageError when it is not one."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return checkpoint.load_training_checkpoint(path)
     except FileNotFoundError as e:
         raise UsageError(f"--resume {path!r} does not exist") from e
-    except Exception as e:
-        raise UsageError(f"--resume {path!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    for key in ("model", "optimizer", "epoch"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            raise UsageError(f"--resume {path!r} has no {key!r} entry: not a training checkpoint")
-    return ckpt
+    except ValueError as e:
+        raise UsageError(f"--resume: {e}") from e
 
 
 def resume_path(resume, output_dir):
@@ -86,11 +74,39 @@ def resume_path(resume, output_dir):
     return resume or None
 
 
-def resume_training(path, args, model, optimizer, scaler, steps_per_epoch: int, say):
-    """Load ``path`` into model/optimizer/scaler (and the RNGs in a 1-process run);
-    return (start_epoch, start_step)."""
-    ckpt = load_resume(path)
-    saved = ckpt.get("args", {})
+def _derived_lr(saved: dict) -> bool:
+    """Was the official run's ``lr`` computed as ``blr * eff_batch / 256`` (not given by its user)?"""
+    try:
+        eff = saved["batch_size"] * saved.get("accum_iter", 1) * saved.get("world_size", 1)
+        return saved.get("lr") is None or abs(saved["lr"] - saved["blr"] * eff / 256) <= 1e-9 * abs(saved["lr"])
+    except (KeyError, TypeError):
+        return False
+
+
+def schedule_from_official(ckpt: dict, args, given) -> list:
+    """Fill the recipe values of ``args`` the user did not give (``given``: option dests named on
+    the command line) from an official checkpoint's args, as ``main_pretrain.py`` would continue
+    the run. ``lr`` is taken only when the official run set it (not derived from ``blr``); a
+    given --lr or --blr keeps both. Returns the ``key=value`` strings taken."""
+    saved = checkpoint.schedule_from_args(ckpt["args"])
+    skip = set(given)
+    if "lr" in given or "blr" in given:
+        skip |= {"lr", "blr"}
+    elif _derived_lr(ckpt["args"]):
+        skip.add("lr")  # recomputed from blr and this run's effective batch, as the official does
+    taken = []
+    for key, value in saved.items():
+        if key in skip or value is None or not hasattr(args, key):
+            continue
+        setattr(args, key, value)
+        taken.append(f"{key}={value!r}")
+    return taken
+
+
+def resume_training(ckpt: dict, path: str, args, model, optimizer, scaler, steps_per_epoch: int, say):
+    """Load a checkpoint ``read_resume`` read into model/optimizer/scaler (and, for mae_fast's own
+    checkpoints, the RNGs in a 1-process run); return (start_epoch, start_step)."""
+    saved = ckpt["args"]
     for key in ("model", "input_size"):
         if key in saved and saved[key] != getattr(args, key):
             raise UsageError(f"--resume {path}: the checkpoint has {key}={saved[key]!r}, "
@@ -99,21 +115,44 @@ def resume_training(path, args, model, optimizer, scaler, steps_per_epoch: int, 
     if differ:
         say(f"note: resuming with different {', '.join(differ)} than the checkpoint: "
             "the loss trajectory will differ from an uninterrupted run")
+    # the run's options set the group hyperparameters (--weight-decay; lr is set every iteration,
+    # a tensor under CUDA graphs); the file gives the state: Adam moments and step counts
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
-        model.load_state_dict(read_state_dict(ckpt))
-    except (TypeError, RuntimeError) as e:
-        raise UsageError(f"--resume {path}: the weights do not fit this model ({e})") from e
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    start_epoch = int(ckpt["epoch"]) + 1
-    start_step = int(ckpt.get("step_in_epoch", 0))
+        report = checkpoint.resume_training(ckpt, model, optimizer, scaler)
+    except ValueError as e:
+        raise UsageError(f"--resume {path}: {e}") from e
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
+    for note in report.notes:
+        say(f"note: {note}")
+    start_epoch, start_step = report.start_epoch, report.start_step
     if start_step >= steps_per_epoch:
         start_epoch, start_step = start_epoch + 1, 0
     if "rng" in ckpt and args.world_size == 1:
         set_rng_state(ckpt["rng"])
-    say(f"resumed from {path}: epoch {start_epoch}, iteration {start_step} of {steps_per_epoch}")
+    say(f"resumed from {path} ({report.format} checkpoint): epoch {start_epoch}, "
+        f"iteration {start_step} of {steps_per_epoch}")
     return start_epoch, start_step
+
+
+def check_save_format(args) -> None:
+    """UsageError before training when --save-format safetensors cannot be written here."""
+    if getattr(args, "save_format", "pth") == "safetensors":
+        try:
+            checkpoint.optional_import("safetensors.torch", "safetensors", "--save-format safetensors")
+        except ImportError as e:
+            raise UsageError(str(e)) from e
+
+
+def save_weights(path: str, model, args, epoch_done: int) -> None:
+    """The weights as ``.safetensors``, the architecture (``convert.architecture``) plus the model
+    name, input size, mask ratio and epoch in the metadata: ``mae-fast convert``, ``load_mae`` and
+    ``mae-fast linprobe`` rebuild the model from it."""
+    from ..convert import architecture
+    meta = dict(architecture(model), model=args.model, input_size=args.input_size, mask_ratio=args.mask_ratio,
+                epoch=epoch_done)
+    checkpoint.save_state_dict(path, model.state_dict(), metadata=meta)
 
 
 class Checkpointer:
@@ -150,3 +189,6 @@ class Checkpointer:
         self.last_saved = f"{self.last_path} (end of epoch {epoch + 1})"
         if (epoch + 1) % self.args.save_freq == 0 or epoch + 1 == self.args.epochs:
             save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch}.pth"), ckpt)
+            if getattr(self.args, "save_format", "pth") == "safetensors":
+                save_weights(os.path.join(self.args.output_dir, f"checkpoint-{epoch}.safetensors"),
+                             self.model, self.args, epoch)

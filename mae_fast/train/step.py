@@ -41,14 +41,16 @@ def fused_adamw_supported(device: torch.device) -> bool:
 
 
 def build_optimizer(model, args, device: torch.device, capturable: bool = False):
-    """AdamW(betas=(0.9, 0.95)) on the official weight-decay groups; fused where supported
+    """AdamW(betas=(0.9, 0.95)) on the weight-decay groups of --weight-decay-recipe (default: the
+    official ones); fused where supported
     (--fused-adamw auto), else for-each. ``capturable``: state and lr on the device, for CUDA graphs."""
     want = getattr(args, "fused_adamw", None)
     supported = fused_adamw_supported(device)
     if want and not supported:
         raise ValueError(f"--fused-adamw: this torch has no fused AdamW on {device.type}")
     fused = supported if want is None else bool(want)
-    groups = lr_sched.param_groups_weight_decay(model, args.weight_decay)
+    recipe = getattr(args, "weight_decay_recipe", lr_sched.DEFAULT_WEIGHT_DECAY_RECIPE)
+    groups = lr_sched.param_groups_weight_decay(model, args.weight_decay, lr_sched.skip_list_for(recipe))
     if capturable:  # one lr tensor per group (a shared one would take the last group's lr_scale)
         groups = [dict(g, lr=torch.tensor(float(args.lr), device=device)) for g in groups]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused, capturable=capturable,
