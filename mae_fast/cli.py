@@ -1,11 +1,11 @@
 """``mae-fast`` console command: ``mae-fast pretrain ...``, ``mae-fast linprobe ...``,
-``mae-fast convert ...``, ``mae-fast info``."""
+``mae-fast convert ...``, ``mae-fast info``, ``mae-fast bench-data ...``."""
 import sys
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("pretrain", "linprobe", "convert", "info")
+    commands = ("pretrain", "linprobe", "convert", "info", "bench-data")
     if not argv or argv[0] not in commands:
         print(f"usage: mae-fast {{{','.join(commands)}}} [options]   (mae-fast COMMAND --help)", file=sys.stderr)
         return 2
@@ -14,6 +14,8 @@ def main(argv=None):
         from .info import main as run
     elif cmd == "pretrain":
         from .pretrain import main as run
+    elif cmd == "bench-data":
+        from .bench_data import main as run
     elif cmd == "convert":
         from .convert import main as run
     else:

@@ -11,6 +11,12 @@ come from ``numpy.random.default_rng(sample_seed)``. The pipeline therefore give
 whatever the number of workers, and a resumed run sees exactly the images an uninterrupted run
 would have seen (see ``mae_fast.pretrain``). A plain ``int`` index gives the deterministic
 evaluation view (resize + center crop).
+
+Unreadable files (corrupt, truncated, empty, not an image): ``dataset[key]`` raises
+``UnreadableImage`` naming the file; ``dataset.load(key)`` (what the trainer's loader calls) puts a
+substitute sample in its place instead, chosen from the key alone (index, sample_seed), so batches
+stay full and a function of their keys (exact resume, any number of workers), and returns the
+``(path, reason)`` of every file it passed over so the caller can warn, count or stop.
 """
 import math
 import os
@@ -29,6 +35,15 @@ Key = Union[int, Tuple[int, int]]  # index (eval view) or (index, sample_seed) (
 
 class DataError(ValueError):
     """A data path or data set that cannot be used (missing, empty, unreadable)."""
+
+
+class UnreadableImage(DataError):
+    """One image file that cannot be decoded (corrupt, truncated, empty, not an image)."""
+
+
+# ``load`` gives up after this many unreadable images in a row for one sample
+MAX_SUBSTITUTES = 16
+BadFile = Tuple[str, str]  # (path, reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,9 +73,13 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def to_normalized_tensor(img: Image.Image, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    """PIL RGB (H, W) -> float32 (3, H, W): ToTensor (/255) then Normalize(mean, std)."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, H, W)
+def to_normalized_tensor(img, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """PIL RGB (H, W), or a uint8 tensor (3, H, W) -> float32 (3, H, W): ToTensor (/255) then
+    Normalize(mean, std)."""
+    if isinstance(img, torch.Tensor):
+        x = img.to(torch.float32) / 255.0  # (3, H, W)
+    else:
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, H, W)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - mean_t) / std_t
@@ -73,19 +92,60 @@ def denormalize(x: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAUL
     return (x * std_t + mean_t).clamp(0, 1)
 
 
-class TrainTransform:
-    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5) + normalise."""
+def jpeg_draft(img: Image.Image, box, size: int):
+    """(image, box): a JPEG not yet decoded, set to decode at the smallest DCT scale (1/2, 1/4, 1/8)
+    that keeps the crop ``box`` (in full-size pixels) at least ``size`` pixels on each side, and the
+    box in the pixels of that scale. Other formats (and crops too small to shrink) are unchanged."""
+    left, top, right, bottom = box
+    if img.format != "JPEG" or min(right - left, bottom - top) < 2 * size:
+        return img, box
+    full_w, full_h = img.size
+    # draft picks the largest reduction whose whole image is >= the requested size
+    want = (math.ceil(full_w * size / (right - left)), math.ceil(full_h * size / (bottom - top)))
+    img.draft("RGB", want)
+    sx, sy = img.size[0] / full_w, img.size[1] / full_h
+    return img, (left * sx, top * sy, right * sx, bottom * sy)
 
-    def __init__(self, size: int, scale=(0.2, 1.0)):
+
+class TrainTransform:
+    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5) + normalise.
+
+    ``draft``: an image given still undecoded (``Image.open``) is decoded by ``jpeg_draft`` at a
+    reduced DCT scale when the crop is at least twice the output; the crop and flip draws are the
+    same, the pixels differ slightly (docs/DATA.md)."""
+
+    def __init__(self, size: int, scale=(0.2, 1.0), draft: bool = False):
         self.size = int(size)
         self.scale = tuple(scale)
+        self.draft = draft
+
+    def draw(self, width: int, height: int, sample_seed: int):
+        """(left, top, w, h) crop box and flip, from the sample seed and the image size only."""
+        rng = np.random.default_rng(sample_seed)
+        box = random_resized_crop_box(width, height, rng, self.scale)
+        return box, bool(rng.random() < 0.5)
 
     def __call__(self, img: Image.Image, sample_seed: int) -> torch.Tensor:
-        rng = np.random.default_rng(sample_seed)
-        left, top, w, h = random_resized_crop_box(img.width, img.height, rng, self.scale)
-        out = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
-        if rng.random() < 0.5:
+        (left, top, w, h), flip = self.draw(img.width, img.height, sample_seed)
+        box = (left, top, left + w, top + h)
+        if self.draft:
+            img, box = jpeg_draft(img, box, self.size)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        out = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(out)
+
+    def on_tensor(self, img: torch.Tensor, sample_seed: int) -> torch.Tensor:
+        """The same draws on a decoded uint8 (3, H, W) tensor, cropped and resized by torchvision
+        (bicubic, antialiased): ``--decode torchvision``."""
+        from torchvision.transforms.v2 import InterpolationMode, functional as TF
+        (left, top, w, h), flip = self.draw(img.shape[-1], img.shape[-2], sample_seed)
+        out = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
+                              interpolation=InterpolationMode.BICUBIC, antialias=True)  # (3, size, size) uint8
+        if flip:
+            out = out.flip(-1)
         return to_normalized_tensor(out)
 
 
@@ -107,8 +167,8 @@ class EvalTransform:
 class _Images(torch.utils.data.Dataset):
     """Common ``__getitem__``: ``(index, sample_seed)`` -> augmented view, ``index`` -> eval view."""
 
-    def __init__(self, size: int, scale=(0.2, 1.0)):
-        self.train_transform = TrainTransform(size, scale)
+    def __init__(self, size: int, scale=(0.2, 1.0), draft: bool = False):
+        self.train_transform = TrainTransform(size, scale, draft)
         self.eval_transform = EvalTransform(size)
 
     def image(self, index: int) -> Image.Image:  # pragma: no cover - abstract
@@ -118,15 +178,50 @@ class _Images(torch.utils.data.Dataset):
         return 0
 
     def __getitem__(self, key: Key) -> torch.Tensor:
+        """The sample of ``key``; an unreadable image raises ``UnreadableImage``."""
         if isinstance(key, (tuple, list)):
             index, sample_seed = key
-            return self.train_transform(self.image(int(index)), int(sample_seed))
+            return self.train_view(int(index), int(sample_seed))
         return self.eval_transform(self.image(int(key)))
+
+    def train_view(self, index: int, sample_seed: int) -> torch.Tensor:
+        return self.train_transform(self.image(index), sample_seed)
+
+    def load(self, key: Key) -> Tuple[torch.Tensor, Tuple[BadFile, ...]]:
+        """(sample, bad files): the sample of ``key``, or, when its image is unreadable, of a
+        substitute ``(index, sample_seed)`` drawn from ``key`` alone (attempt after attempt while
+        the substitutes are unreadable too), with the ``(path, reason)`` of each file passed over."""
+        bad = []
+        cur = key
+        for attempt in range(MAX_SUBSTITUTES + 1):
+            try:
+                return self[cur], tuple(bad)
+            except UnreadableImage as e:
+                bad.append((e.path, e.reason))
+                cur = self.substitute(key, attempt)
+        raise DataError(f"{len(bad)} unreadable images in a row while loading sample {key} "
+                        f"(first: {bad[0][0]!r}: {bad[0][1]}); is most of the data set unreadable?")
+
+    def substitute(self, key: Key, attempt: int) -> Key:
+        """The key that stands in for ``key`` at its ``attempt``-th unreadable image: a function of
+        ``(index, sample_seed, attempt)`` only (the sample seed carries the run seed and the epoch)."""
+        if isinstance(key, (tuple, list)):
+            rng = np.random.default_rng([int(key[0]), int(key[1]), attempt])
+            return int(rng.integers(len(self))), int(rng.integers(2 ** 62))
+        rng = np.random.default_rng([int(key), attempt])
+        return int(rng.integers(len(self)))
 
     def preview_indices(self, n: int) -> List[int]:
         """``n`` indices spread over the data set, for the reconstruction pictures."""
         n = min(n, len(self))
         return [int(i) for i in np.linspace(0, len(self) - 1, n).round()] if n > 1 else [0]
+
+
+def _unreadable(path: str, e: Exception) -> UnreadableImage:
+    reason = f"{type(e).__name__}: {e}"
+    err = UnreadableImage(f"cannot read image {path!r}: {reason}")
+    err.path, err.reason = path, reason
+    return err
 
 
 def _open_rgb(path: str) -> Image.Image:
@@ -140,10 +235,25 @@ class ImageFolder(_Images):
 
     Classes are the sorted sub-folders (labels 0..K-1); image files are found recursively inside
     each class folder. Images directly under ``root`` (no class folders) form a single class.
+    ``decode``: "pil" (decode the whole image), "pil-draft" (JPEGs decoded at a reduced DCT scale
+    when the random crop is at least twice the output side; see ``jpeg_draft``) or "torchvision"
+    (``torchvision.io.decode_image`` + ``resized_crop``, when torchvision is installed; training
+    views only, the evaluation view stays PIL). All three make the same crop and flip draws.
     """
+    DECODE_MODES = ("pil", "pil-draft", "torchvision")
 
-    def __init__(self, root: str, size: int, scale=(0.2, 1.0)):
-        super().__init__(size, scale)
+    def __init__(self, root: str, size: int, scale=(0.2, 1.0), decode: str = "pil"):
+        if decode not in self.DECODE_MODES:
+            raise DataError(f"decode mode {decode!r}: one of {', '.join(self.DECODE_MODES)}")
+        if decode == "torchvision":
+            try:
+                import torchvision.io  # noqa: F401
+                from torchvision.transforms.v2 import functional  # noqa: F401
+            except Exception as e:
+                raise DataError(f"--decode torchvision needs torchvision (pip install torchvision, matching "
+                                f"your torch): {type(e).__name__}: {e}") from e
+        super().__init__(size, scale, draft=decode == "pil-draft")
+        self.decode = decode
         root = os.path.expanduser(os.fspath(root))
         if not os.path.exists(root):
             raise DataError(f"--data-path {root!r} does not exist")
@@ -176,8 +286,25 @@ class ImageFolder(_Images):
         path = self.samples[index][0]
         try:
             return _open_rgb(path)
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise _unreadable(path, e) from e
+
+    def train_view(self, index: int, sample_seed: int) -> torch.Tensor:
+        path = self.samples[index][0]
+        if self.decode == "torchvision":
+            from torchvision.io import ImageReadMode, decode_image, read_file
+            try:
+                img = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+            except Exception as e:
+                raise _unreadable(path, e) from e
+            return self.train_transform.on_tensor(img, sample_seed)
+        if not self.train_transform.draft:
+            return super().train_view(index, sample_seed)
+        try:  # decoded inside the transform, after the crop is known
+            with open(path, "rb") as f:
+                return self.train_transform(Image.open(f), sample_seed)
         except Exception as e:
-            raise DataError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
+            raise _unreadable(path, e) from e
 
     def label(self, index: int) -> int:
         return self.samples[index][1]

@@ -41,13 +41,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import lr_sched
-from .data import DataError, stack
+from .data import DataError, ImageFolder, stack
 from .knn import KnnMonitor
 from .linprobe import compare_with_random_init
 from .recipes import (DEFAULT_MODEL, DEMO_RECIPE, MODELS, OFFICIAL_RECIPE, UsageError,  # noqa: F401
                       build_model, default_cpu_threads, mae_vit_tiny_patch4, mae_vit_tiny_patch8)
 from .train.amp import AMP_NAMES, resolve_amp
-from .train.loader import EpochBatches, build_dataset, build_loader, default_num_workers
+from .train.loader import BadFiles, EpochBatches, build_dataset, build_loader, default_num_workers
 from .train.log import RunLog, progress_bar
 from .train.seeds import mask_noise, rng_state, sample_seed, seed_process, set_rng_state  # noqa: F401
 from .train.state import (SAVE_FORMATS, Checkpointer, check_save_format, checkpoint_dict,  # noqa: F401
@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageFolder tree root/<class>/<image> (root/train used if present); "
                         "default: built-in scikit-image photos and faces")
     g.add_argument("--builtin-size", type=int, default=4096, help="samples per epoch of the built-in data")
+    g.add_argument("--decode", default="pil", choices=ImageFolder.DECODE_MODES,
+                   help="ImageFolder decoding: pil (whole image), pil-draft (JPEG at a reduced DCT scale "
+                        "when the crop is >= 2x the output) or torchvision (if installed); docs/DATA.md")
+    g.add_argument("--strict-data", action="store_true",
+                   help="stop at the first unreadable image (default: replace it by another sample, warn, "
+                        "count it in log.csv bad_samples)")
     g.add_argument("--min-crop-scale", type=float, default=0.2, help="RandomResizedCrop scale=(this, 1)")
     g.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: 0 on CPU, "
                                                                     "min(10, cores / processes) on GPU)")
@@ -362,13 +368,13 @@ def _setup_run(args, rank, world_size, device, distributed, resume=None) -> Simp
     knn = KnnMonitor(args.input_size, args.knn_data, args.seed, amp_dtype=amp_dtype) \
         if is_main and args.knn_every else None
     log = RunLog(args.output_dir, is_main, resume_step=start_epoch * steps_per_epoch + start_step if resume else None,
-                 fields=("epoch", "step", "loss", "lr", "img_per_s", "bad_steps", "knn_acc"))
+                 fields=("epoch", "step", "loss", "lr", "img_per_s", "bad_steps", "bad_samples", "knn_acc"))
     return SimpleNamespace(
         args=args, rank=rank, device=device, distributed=distributed, is_main=is_main, say=say, log=log,
         model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, batches=batches, loader=loader,
         step=TrainStep(model, optimizer, scaler, amp_dtype, device, args, distributed, forward=forward,
                        report_first=_report_compile(say, args) if args.compile else None),
-        t_window=0.0, window_images=0,
+        t_window=0.0, window_images=0, bad_files=BadFiles(args.strict_data, rank),
         checkpointer=Checkpointer(args, model_without_ddp, optimizer, scaler, steps_per_epoch, is_main),
         images_per_iter=args.batch_size * world_size, iterations_run=0, first_loss=None, lr=args.lr,
         amp_dtype=amp_dtype, preview=preview, knn=knn, start_epoch=start_epoch, start_step=start_step)
@@ -431,7 +437,7 @@ def _preview(args, dataset, model, device):
     """(images, mask noise) each reconstruction picture shows: the same in every epoch."""
     if args.num_preview <= 0:
         return None
-    imgs = stack([dataset[i] for i in dataset.preview_indices(args.num_preview)]).to(device)
+    imgs = stack([dataset.load(i)[0] for i in dataset.preview_indices(args.num_preview)]).to(device)
     g = torch.Generator().manual_seed(args.seed)
     return imgs, torch.rand(imgs.shape[0], model.patch_embed.num_patches, generator=g).to(device)
 
@@ -447,7 +453,8 @@ def _run_epoch(run, epoch: int, skip: int):
     num_patches = run.model_without_ddp.patch_embed.num_patches
     t_epoch = run.t_window = time.perf_counter()
     run.window_images = 0
-    for it, imgs in enumerate(run.loader, start=skip):
+    for it, (imgs, bad_files) in enumerate(run.loader, start=skip):
+        run.bad_files.note(bad_files)
         step = epoch * spe + it
         if it % args.accum_iter == 0:
             run.lr = set_learning_rate(run.optimizer, it / spe + epoch, args)
@@ -493,7 +500,8 @@ def _log_row(run, epoch: int, step: int, bar) -> None:
     if run.first_loss is None:
         run.first_loss = loss_mean
     run.log.row(step, {"train_loss": loss_mean, "lr": run.lr}, epoch=epoch, loss=f"{loss_mean:.6f}",
-                lr=f"{run.lr:.6g}", img_per_s=f"{img_s:.4g}", bad_steps=bad_total)
+                lr=f"{run.lr:.6g}", img_per_s=f"{img_s:.4g}", bad_steps=bad_total,
+                bad_samples=run.bad_files.take_window())
     if bar is not None:
         bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{run.lr:.2e}", img_s=f"{img_s:.0f}")
 

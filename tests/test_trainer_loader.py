@@ -25,7 +25,7 @@ def test_workers_persist_across_epochs_and_batches_follow_the_epoch():
     seen = {}
     for epoch in range(3):
         batches.set_epoch(epoch, skip=1 if epoch == 2 else 0)
-        seen[epoch] = torch.cat(list(loader))  # (n, 3): pid, index, seed
+        seen[epoch] = torch.cat([b for b, _ in loader])  # (n, 3): pid, index, seed
     pids = {int(p) for e in seen.values() for p in e[:, 0]}
     assert len(pids) == 1 and pids != {os.getpid()}  # one worker process served all epochs
     assert len(seen[0]) == len(seen[1]) == 8 and len(seen[2]) == 6  # epoch 2 resumed after 1 batch
@@ -33,7 +33,7 @@ def test_workers_persist_across_epochs_and_batches_follow_the_epoch():
     # the same keys as the in-process loader
     batches0 = EpochBatches(_Pids(), batch_size=2, seed=0)
     batches0.set_epoch(1)
-    inproc = torch.cat(list(build_loader(_Pids(), batches0, num_workers=0, device=torch.device("cpu"))))
+    inproc = torch.cat([b for b, _ in build_loader(_Pids(), batches0, num_workers=0, device=torch.device("cpu"))])
     torch.testing.assert_close(inproc[:, 1:], seen[1][:, 1:], rtol=0, atol=0)
 
 
@@ -43,7 +43,7 @@ def test_worker_pixels_equal_in_process_pixels():
     for workers in (0, 2):
         batches = EpochBatches(data, batch_size=4, seed=3)
         batches.set_epoch(1)
-        out.append(torch.cat(list(build_loader(data, batches, workers, torch.device("cpu")))))
+        out.append(torch.cat([b for b, _ in build_loader(data, batches, workers, torch.device("cpu"))]))
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
 
 

@@ -5,20 +5,28 @@ Each batch is a list of ``(index, sample_seed)`` keys (see ``seeds``), drawn fro
 chooses the epoch (and the iterations a resumed run skips); the ``DataLoader`` built once on it
 re-reads the batches at every ``iter(loader)``, so with ``--num-workers`` > 0 the same worker
 processes serve every epoch (``persistent_workers``) and the pixels stay a function of the keys only.
+
+The loader yields ``(images, bad_files)``: an unreadable image is replaced inside the data set by a
+substitute drawn from its key (``data._Images.load``), and its ``(path, reason)`` travels with the
+batch to the main process, where ``BadFiles`` warns (once per file), counts, or, with
+``--strict-data``, stops.
 """
 import os
+import sys
 
 import torch
 
 from .seeds import sample_seed
-from ..data import BuiltinImages, ImageFolder, stack
+from ..data import BuiltinImages, DataError, ImageFolder, stack
 
 
 def build_dataset(args):
     """(dataset, one-line description) for --data-path or the built-in images."""
     if args.data_path is not None:
-        dataset = ImageFolder(args.data_path, args.input_size, (args.min_crop_scale, 1.0))
-        return dataset, f"ImageFolder {dataset.root}: {len(dataset)} images, {len(dataset.classes)} classes"
+        dataset = ImageFolder(args.data_path, args.input_size, (args.min_crop_scale, 1.0),
+                              decode=getattr(args, "decode", "pil"))
+        return dataset, (f"ImageFolder {dataset.root}: {len(dataset)} images, {len(dataset.classes)} classes, "
+                         f"decode {dataset.decode}")
     dataset = BuiltinImages(args.input_size, args.builtin_size, (args.min_crop_scale, 1.0))
     return dataset, (f"built-in: {len(dataset.photo_names)} scikit-image photos + {len(dataset.faces)} "
                      f"LFW-subset images, random crops, {len(dataset)} samples/epoch")
@@ -54,8 +62,61 @@ def default_num_workers(device: torch.device, world_size: int) -> int:
     return 0 if device.type != "cuda" else min(10, max(1, (os.cpu_count() or 1) // world_size))
 
 
+class _Loading(torch.utils.data.Dataset):
+    """``dataset.load`` as ``__getitem__``: (sample, bad files); a data set without ``load`` has none."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if hasattr(self.dataset, "load"):
+            return self.dataset.load(key)
+        return self.dataset[key], ()
+
+
+def collate(samples):
+    """[(sample, bad files)] -> (images (N, ...), bad files of the batch)."""
+    return stack([s for s, _ in samples]), tuple(b for _, bad in samples for b in bad)
+
+
 def build_loader(dataset, batches: EpochBatches, num_workers: int, device: torch.device):
-    """One DataLoader for the whole run: its workers (if any) persist across epochs."""
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+    """One DataLoader for the whole run, yielding ``(images, bad_files)``: its workers (if any)
+    persist across epochs."""
+    return torch.utils.data.DataLoader(_Loading(dataset), batch_sampler=batches, num_workers=num_workers,
                                        persistent_workers=num_workers > 0,
-                                       pin_memory=device.type == "cuda", collate_fn=stack)
+                                       pin_memory=device.type == "cuda", collate_fn=collate)
+
+
+class BadFiles:
+    """The unreadable files the loader passed over, in the main process: a warning with the path the
+    first time a file is met, the replaced samples counted per log window, or (``strict``) a
+    ``DataError`` naming the first one."""
+
+    def __init__(self, strict: bool, rank: int = 0):
+        self.strict = strict
+        self.rank = rank
+        self.paths = set()
+        self.window = 0  # samples replaced since the last take_window()
+        self.total = 0
+
+    def note(self, bad) -> None:
+        if bad and self.strict:
+            path, reason = bad[0]
+            raise DataError(f"cannot read image {path!r}: {reason} (--strict-data stops at the first "
+                            f"unreadable image; without it, it is replaced by another sample and counted)")
+        for path, reason in bad:
+            if path not in self.paths:
+                self.paths.add(path)
+                where = f"rank {self.rank}: " if self.rank else ""
+                print(f"mae-fast: warning: {where}skipping unreadable image {path!r} ({reason}); another "
+                      f"sample takes its place (counted in log.csv bad_samples; --strict-data to stop instead)",
+                      file=sys.stderr, flush=True)
+        self.window += len(bad)
+        self.total += len(bad)
+
+    def take_window(self) -> int:
+        n, self.window = self.window, 0
+        return n
