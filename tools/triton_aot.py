@@ -350,5 +350,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
+    # a fallback for `import mae_fast` only: an installed mae_fast (with its mae_fast.kernels, which
+    # exists only once installed) must win over the checkout's mae_fast/ (CI's compat lane)
+    sys.path.append(ROOT)
     main()
