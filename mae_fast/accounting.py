@@ -468,6 +468,31 @@ def _charge_unshuffle_scatter_backward(counter, args, kwargs, out):
     return rows + reduce
 
 
+def _charge_add_layer_norm(counter, args, kwargs, out):
+    x, branch, weight, bias = args[:4]
+    h, y, mean, rstd = out
+    # _add_ln_fwd_kernel, one program per row: x (+ branch) -> h (with a branch), y, mean, rstd
+    read = tensor_bytes(x) + (tensor_bytes(branch) if branch is not None else 0) \
+        + tensor_bytes(weight) + tensor_bytes(bias)
+    written = sum(tensor_bytes(t) for t in out)
+    return Charge(read, written, 1 if x.shape[0] else 0)
+
+
+def _charge_add_layer_norm_backward(counter, args, kwargs, out):
+    from .ops.layernorm import bwd_programs
+    dy, dh, h, weight, mean, rstd = args[:6]
+    dsum, dweight, dbias = out
+    R, D = h.shape
+    partials = 2 * bwd_programs(R) * D * 4  # fp32 (programs, D) partial sums of dweight and dbias
+    # _add_ln_bwd_kernel: dy, dh, h, the row stats, weight -> dsum, the partials
+    rows = Charge(sum(tensor_bytes(t) for t in (dy, h, mean, rstd, weight))
+                  + (tensor_bytes(dh) if dh is not None else 0),
+                  tensor_bytes(dsum) + partials, 1 if R else 0)
+    # _ln_grad_reduce_kernel: the partials -> dweight, dbias
+    reduce = Charge(partials, tensor_bytes(dweight) + tensor_bytes(dbias), 1)
+    return rows + reduce
+
+
 KERNEL_CHARGES: Dict[str, Callable[..., Charge]] = {
     "mae_fast::gather_patches": _charge_gather_patches,
     "mae_fast::scatter_patches": _charge_scatter_patches,
@@ -480,6 +505,8 @@ KERNEL_CHARGES: Dict[str, Callable[..., Charge]] = {
     "mae_fast::random_masking": _charge_random_masking,
     "mae_fast::unshuffle_scatter": _charge_unshuffle_scatter,
     "mae_fast::unshuffle_scatter_backward": _charge_unshuffle_scatter_backward,
+    "mae_fast::add_layer_norm": _charge_add_layer_norm,
+    "mae_fast::add_layer_norm_backward": _charge_add_layer_norm_backward,
 }
 
 
@@ -918,6 +945,8 @@ def op_kind(r: OpRecord) -> str:
         return "attention kernel"
     if op.startswith(_GEMM) or op == "mae_fast::patch_embed_gemm_backward":
         return "GEMM"
+    if op.startswith("mae_fast::add_layer_norm"):  # the fused residual add + LayerNorm
+        return "LayerNorm"
     if op.startswith("mae_fast::"):
         return "mae_fast glue ops"
     if "layer_norm" in op:

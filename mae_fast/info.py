@@ -44,7 +44,10 @@ def report(backend: str = "auto") -> str:
     lines += ["", "blocks: qkv projection + attention as one autograd function whose backward never merges "
               "dq, dk, dv into d(qkv) (mae_fast.attention.qkv_attention), where attention runs sdpa or "
               "xformers with gradients and not under torch.compile; model.set_fused_blocks(False) "
-              "gives the plain blocks"]
+              "gives the plain blocks",
+              "blocks: each residual add runs with the LayerNorm after it (norm2, the next block's norm1, "
+              "the final norm) as one op, add_layer_norm above (Triton where it says triton, else the plain "
+              "add + F.layer_norm); model.set_fused_blocks(False) gives the plain blocks"]
     return "\n".join(lines)
 
 

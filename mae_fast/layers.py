@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from .attention import attend, qkv_attention
+from .ops.layernorm import add_norm
 
 
 def to_2tuple(x):
@@ -82,8 +83,23 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        # True: each residual add runs with the LayerNorm after it as one op
+        # (mae_fast.ops.add_layer_norm); False: the plain ops. The model sets both.
+        self.fused_norm = True
+        self.backend = "auto"  # mae_fast.backends backend of add_layer_norm
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
-        return x
+        if not self.fused_norm:
+            x = x + self.attn(self.norm1(x))
+            x = x + self.mlp(self.norm2(x))
+            return x
+        x, branch = self.forward_pending(x)
+        return x + branch
+
+    def forward_pending(self, x, pending=None):
+        """The block with its last residual add left to the caller, so that it can run with the
+        next LayerNorm: the block's input is ``x + pending`` (``x`` when pending is None);
+        returns ``(h, mlp_branch)`` where the block's output is ``h + mlp_branch``."""
+        x, y = add_norm(x, pending, self.norm1, fused=self.fused_norm, backend=self.backend)
+        x, y = add_norm(x, self.attn(y), self.norm2, fused=self.fused_norm, backend=self.backend)
+        return x, self.mlp(y)

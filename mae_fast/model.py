@@ -61,7 +61,20 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.grad_checkpointing = False  # see set_grad_checkpointing
         self.set_attn_backend(attn_backend)
+        self.set_fused_blocks(True)
         self.initialize_weights()
+
+    @property
+    def backend(self) -> str:
+        """The glue ops' and the fused LayerNorms' backend (``mae_fast.backends``); setting it
+        reaches every block."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str):
+        self._backend = check_backend(backend)
+        for blk in list(getattr(self, "blocks", ())) + list(getattr(self, "decoder_blocks", ())):
+            blk.backend = self._backend
 
     def set_attn_backend(self, attn_backend=None):
         """Attention backend of every block (see ``mae_fast.attention``); None follows ``backend``."""
@@ -74,10 +87,15 @@ class MaskedAutoencoderViT(nn.Module):
 
     def set_fused_blocks(self, fused: bool = True):
         """True (default): every block's qkv projection + attention runs
-        ``mae_fast.attention.qkv_attention``'s fused backward (no d(qkv) merge); False: the plain
-        blocks, for A/B comparisons. Same math either way."""
+        ``mae_fast.attention.qkv_attention``'s fused backward (no d(qkv) merge), and each residual
+        add runs with the LayerNorm after it (``mae_fast.ops.add_layer_norm``: norm2, the next
+        block's norm1, the final norm); False: the plain blocks, for A/B comparisons. Same math
+        either way."""
+        self.fused_blocks = bool(fused)
         for blk in list(self.blocks) + list(self.decoder_blocks):
             blk.attn.fused_qkv = bool(fused)
+            blk.fused_norm = bool(fused)
+            blk.backend = self.backend
 
     def set_grad_checkpointing(self, enable: bool = True):
         """Activation checkpointing: each encoder/decoder block keeps only its input and is
@@ -88,6 +106,24 @@ class MaskedAutoencoderViT(nn.Module):
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(blk, x, use_reentrant=False)
         return blk(x)
+
+    def _blocks_then_norm(self, blocks, norm, x):
+        """``for blk in blocks: x = blk(x)``, then ``norm(x)``. With fused blocks each block's
+        last residual add is left pending (``Block.forward_pending``) and runs with the next
+        LayerNorm: the next block's norm1, or ``norm`` after the last block. Per block (grad
+        checkpointing keeps only each block's input), or with a replaced / hooked block, the
+        blocks run one by one."""
+        stack = getattr(self, "fused_blocks", True) and not self.grad_checkpointing and all(
+            type(blk) is Block and blk.fused_norm and not (blk._forward_hooks or blk._forward_pre_hooks)
+            for blk in blocks)
+        if not stack:
+            for blk in blocks:
+                x = self._block(blk, x)
+            return norm(x)
+        pending = None
+        for blk in blocks:
+            x, pending = blk.forward_pending(x, pending)
+        return ops.add_norm(x, pending, norm, backend=self.backend)[1]
 
     def initialize_weights(self):
         # initialization
@@ -188,9 +224,7 @@ class MaskedAutoencoderViT(nn.Module):
                                        self.pos_embed, self.cls_token, ids_keep, backend=self.backend)
 
         # apply Transformer blocks
-        for blk in self.blocks:
-            x = self._block(blk, x)
-        x = self.norm(x)
+        x = self._blocks_then_norm(self.blocks, self.norm, x)
 
         return x, mask, ids_restore
 
@@ -202,9 +236,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = ops.unshuffle(x, self.mask_token, ids_restore, self.decoder_pos_embed, backend=self.backend)
 
         # apply Transformer blocks
-        for blk in self.decoder_blocks:
-            x = self._block(blk, x)
-        x = self.decoder_norm(x)
+        x = self._blocks_then_norm(self.decoder_blocks, self.decoder_norm, x)
 
         # predictor projection
         x = self.decoder_pred(x)
@@ -238,6 +270,7 @@ class MaskedAutoencoderViT(nn.Module):
         glue_ops = ("random_masking", "patch_embed_masked", "unshuffle", "masked_loss")
         choices = {op: choose(op, device, self.backend) for op in glue_ops}
         choices["attention"] = choose("attention", device, self.attn_backend)
+        choices["add_layer_norm"] = choose("add_layer_norm", device, self.backend)
         return choices
 
     def _overrides_encoder_input(self) -> bool:

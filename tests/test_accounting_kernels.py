@@ -162,6 +162,26 @@ def test_patch_embed_gemm_charges(dtype):
                           dtype, dtype, torch.float32, kernels=["_patch_embed_gemm_bwd_kernel"])
 
 
+@pytest.mark.parametrize("branch", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_layer_norm_charges(dtype, branch, monkeypatch):
+    """Forward: one launch reading x (+ branch) and the parameters once; backward: the row kernel
+    (dy, dh, h, stats -> dsum + fp32 partial sums per program, 4 programs of 3 rows here) and the
+    one-launch reduction of the partials."""
+    from mae_fast.ops import layernorm
+    from mae_fast.ops.layernorm import add_layer_norm_backward, add_layer_norm_op
+    monkeypatch.setattr(layernorm, "MAX_BWD_PROGRAMS", 4)
+    R, D = 11, 40
+    x, weight, bias = torch.randn(R, D).to(dtype), torch.randn(D), torch.randn(D)
+    br = torch.randn(R, D).to(dtype) if branch else None
+    assert_charge_is_real(add_layer_norm_op, x, br, weight, bias, 1e-6, dtype, kernels=["_add_ln_fwd_kernel"])
+    h, y, mean, rstd = add_layer_norm_op(x, br, weight, bias, 1e-6, dtype)
+    dy, dh = torch.randn(R, D).to(dtype), (torch.randn(R, D).to(dtype) if branch else None)
+    probe = assert_charge_is_real(add_layer_norm_backward, dy, dh, h if branch else x, weight, mean, rstd,
+                                  kernels=["_add_ln_bwd_kernel", "_ln_grad_reduce_kernel"])
+    assert probe.launches[1].loaded == 2 * 4 * D * 4  # the partials a tensor-level count misses
+
+
 # ---- C++ / CUDA ops ---------------------------------------------------------------------------
 
 def _function_body(source: str, name: str) -> str:

@@ -23,8 +23,8 @@ def rows():
 
 
 def _kernel_names():
-    from mae_fast.kernels import masked_loss, patch_embed_gemm, patch_gather
-    return {name.strip("_") for module in (patch_gather, masked_loss, patch_embed_gemm)
+    from mae_fast.kernels import add_layer_norm, masked_loss, patch_embed_gemm, patch_gather
+    return {name.strip("_") for module in (patch_gather, masked_loss, patch_embed_gemm, add_layer_norm)
             for name in dir(module) if name.startswith("_") and name.endswith("_kernel")}
 
 

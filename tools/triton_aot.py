@@ -161,7 +161,7 @@ def launches():
         ("gemm bwd fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
             grad_tokens14, imgs, ids_keep14, weight14.shape, torch.float32, torch.float32,
             torch.float32, torch.float32)),
-    ]
+    ] + _add_layer_norm_calls(N)
     out, seen = [], set()
     for label, module, call in calls:
         sink = []
@@ -175,6 +175,54 @@ def launches():
             out.append((label if i == 0 else f"{label} ({name.strip('_').replace('_kernel', '')})",
                         module, name, args, kwargs))
     return out
+
+
+def _add_layer_norm_calls(N):
+    """The fused residual add + LayerNorm (kernels/add_layer_norm.py) as the blocks launch it:
+    ViT-L/16's encoder (1 + 49 tokens, D 1024) and decoder (1 + 196 tokens, D 512) rows, bf16
+    (x, branch, parameters bf16) and amp-bf16 (fp32 stream + bf16 branch -> fp32 h and y, fp32
+    parameters), the first norm1 (no branch) and the last norm (no dh), fp16, and ViT-B / ViT-H
+    widths (768, 1280) and the widest the op takes (MAX_WIDTH: BLOCK_D 4096, 16 warps)."""
+    import torch
+    from mae_fast.kernels import add_layer_norm as kernels
+    from mae_fast.ops.layernorm import MAX_WIDTH, bwd_programs
+
+    meta = torch.device("meta")
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+
+    def t(*shape, dtype=fp32):
+        return torch.empty(*shape, dtype=dtype, device=meta)
+
+    def fwd(label, R, D, x_dtype, branch_dtype, param_dtype, y_dtype):
+        def call():
+            kernels.add_layer_norm_fwd(t(R, D, dtype=x_dtype), t(R, D, dtype=branch_dtype) if branch_dtype else None,
+                                       t(D, dtype=param_dtype), t(D, dtype=param_dtype), 1e-6, y_dtype)
+        return (label, kernels, call)
+
+    def bwd(label, R, D, dy_dtype, h_dtype, param_dtype, dh=True):
+        def call():
+            kernels.add_layer_norm_bwd(t(R, D, dtype=dy_dtype), t(R, D, dtype=h_dtype) if dh else None,
+                                       t(R, D, dtype=h_dtype), t(D, dtype=param_dtype), t(R), t(R),
+                                       bwd_programs(R), h_dtype)
+        return (label, kernels, call)
+
+    enc, dec = N * 50, N * 197
+    return [
+        fwd("add+LN fwd bf16 D1024", enc, 1024, bf16, bf16, bf16, bf16),
+        fwd("add+LN fwd amp-bf16 D1024", enc, 1024, fp32, bf16, fp32, fp32),
+        fwd("LN fwd (no branch) bf16 D1024", enc, 1024, bf16, None, bf16, bf16),
+        fwd("add+LN fwd bf16 D512 (decoder)", dec, 512, bf16, bf16, bf16, bf16),
+        fwd("add+LN fwd fp16 D768", enc, 768, fp16, fp16, fp16, fp16),
+        fwd("add+LN fwd bf16 D1280", enc, 1280, bf16, bf16, bf16, bf16),
+        fwd("add+LN fwd fp32 D4096 (max)", enc, MAX_WIDTH, fp32, fp32, fp32, fp32),
+        bwd("add+LN bwd bf16 D1024", enc, 1024, bf16, bf16, bf16),
+        bwd("add+LN bwd amp-bf16 D1024", enc, 1024, fp32, fp32, fp32),
+        bwd("LN bwd (no dh) bf16 D1024", enc, 1024, bf16, bf16, bf16, dh=False),
+        bwd("add+LN bwd bf16 D512 (decoder)", dec, 512, bf16, bf16, bf16),
+        bwd("add+LN bwd fp16 D768", enc, 768, fp16, fp16, fp16),
+        bwd("add+LN bwd bf16 D1280", enc, 1280, bf16, bf16, bf16),
+        bwd("add+LN bwd fp32 D4096 (max)", enc, MAX_WIDTH, fp32, fp32, fp32),
+    ]
 
 
 def _specialisation(a):
