@@ -83,9 +83,9 @@ def _add_ln_bwd_kernel(
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    row_offs = row_start.to(tl.int64) * D  # int64: R * D may pass 2**31
-    for row in range(row_start, row_end):
-        offs = row_offs + cols
+    for i in range(0, row_end - row_start):
+        row = row_start + i
+        offs = row.to(tl.int64) * D + cols  # int64: R * D may pass 2**31
         h = tl.load(h_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + row)
@@ -100,7 +100,6 @@ def _add_ln_bwd_kernel(
         tl.store(dsum_ptr + offs, _round_to(dsum, dsum_ptr.dtype.element_ty), mask=inside)
         dweight_acc += dy * xhat
         dbias_acc += dy
-        row_offs += D
     part = pid.to(tl.int64) * D + cols
     tl.store(dweight_part_ptr + part, dweight_acc, mask=inside)
     tl.store(dbias_part_ptr + part, dbias_acc, mask=inside)

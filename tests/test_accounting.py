@@ -201,11 +201,21 @@ def test_tiny_model_step(fast_backend):
     # path, whose loss backward leaves a differently laid-out gradient)
     handoff = {"aten::copy_", "aten::slice_backward"}
 
+    # ... and the residual adds + LayerNorms, which mae_fast's fused blocks run as add_layer_norm
+    norms = {"aten::add", "aten::native_layer_norm", "aten::native_layer_norm_backward",
+             "mae_fast::add_layer_norm", "mae_fast::add_layer_norm_backward"}
+
     def body(counter):
         return collections.Counter((r.phase, r.op, r.bytes) for r in counter.log
-                                   if r.region == "rest" and r.op.split(".")[0] not in handoff)
+                                   if r.region == "rest" and r.op.split(".")[0] not in handoff | norms)
 
     assert body(fast) == body(official)
+    # per block stack of depth d: 2d + 1 fused add + LayerNorm calls (norm1, norm2, final norm),
+    # each with its backward; no plain LayerNorm left
+    for phase, op in (("fwd", "mae_fast::add_layer_norm"), ("bwd", "mae_fast::add_layer_norm_backward")):
+        assert sum(r.phase == phase and r.op == op for r in fast.log) == (2 * 2 + 1) + (2 * 1 + 1)
+    assert not [r for r in fast.log if "native_layer_norm" in r.op]
+    assert sum(r.op.startswith("aten::native_layer_norm") for r in official.log) == 2 * 8
     N, L, P = 3, 16, 3 * 8 * 8
     for counter in (fast, official):
         extra = [r for r in counter.log if r.region == "rest" and r.op.split(".")[0] in handoff]

@@ -63,7 +63,8 @@ def test_model_reports_its_choices():
     model = mae_fast.MaskedAutoencoderViT(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
                                           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
     choices = model.backend_choices("cpu")
-    assert set(choices) == {"random_masking", "patch_embed_masked", "unshuffle", "masked_loss", "attention"}
+    assert set(choices) == {"random_masking", "patch_embed_masked", "unshuffle", "masked_loss", "attention",
+                            "add_layer_norm"}
 
 
 def test_gpus_older_than_sm80_take_the_reference(monkeypatch):
@@ -72,7 +73,7 @@ def test_gpus_older_than_sm80_take_the_reference(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     backends.clear_cache()
     try:
-        for op in ("patch_embed_masked", "masked_loss", "unshuffle", "random_masking"):
+        for op in ("patch_embed_masked", "masked_loss", "unshuffle", "random_masking", "add_layer_norm"):
             choice = backends.choose(op, "cuda", "auto")
             assert choice.impl == "reference" and "7.5 is below 8.0" in choice.reason, choice
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
