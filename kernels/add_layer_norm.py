@@ -1,11 +1,11 @@
 """Triton kernels of the fused residual add + LayerNorm of a pre-norm block
 (``h = x + branch; y = LayerNorm(h)``), forward and backward.
 
-  forward:  ``_add_ln_fwd_kernel``  one program per row (token): loads x (and the branch), forms
+  forward:  ``_add_ln_fwd_kernel``  a tile of rows (tokens) per program: loads x (and the branch), forms
             h = x + branch rounded to h's dtype (as a plain ``x + branch`` rounds it), normalises
             that rounded h in fp32 and writes h, y (in y's dtype) and the fp32 mean / rstd.
             Without a branch (the first block's norm1) h is x and is not written.
-  backward: ``_add_ln_bwd_kernel``  each program walks a contiguous chunk of rows: per row
+  backward: ``_add_ln_bwd_kernel``  each program walks a contiguous chunk of rows in tiles: per row
             dsum = dh + LN_bwd(dy) (the residual-gradient add folded in, one rounding), and in
             registers the fp32 partial sums of dweight (dy * xhat) and dbias (dy) over its rows,
             written once to a (programs, D) fp32 workspace; ``_ln_grad_reduce_kernel`` sums the
@@ -42,13 +42,15 @@ def _round_to(v, dtype: tl.constexpr):
 @triton.jit
 def _add_ln_fwd_kernel(
     x_ptr, branch_ptr, weight_ptr, bias_ptr, h_ptr, y_ptr, mean_ptr, rstd_ptr,
-    D, eps,
-    HAS_BRANCH: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_rows, D, eps,
+    HAS_BRANCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """A [BLOCK_R rows, BLOCK_D] tile per program (several rows where D is small)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
-    inside = cols < D
-    offs = row * D + cols
+    row_in = rows < n_rows
+    inside = row_in[:, None] & (cols < D)[None, :]
+    offs = rows[:, None] * D + cols[None, :]
     h = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     if HAS_BRANCH:
         branch = tl.load(branch_ptr + offs, mask=inside, other=0.0).to(tl.float32)
@@ -56,53 +58,57 @@ def _add_ln_fwd_kernel(
         h_out = _round_to(h + branch, h_ptr.dtype.element_ty)
         tl.store(h_ptr + offs, h_out, mask=inside)
         h = h_out.to(tl.float32)
-    mean = tl.sum(h, 0) / D
-    centred = tl.where(inside, h - mean, 0.0)
-    var = tl.sum(centred * centred, 0) / D  # biased, as LayerNorm
+    mean = tl.sum(h, 1) / D
+    centred = tl.where(inside, h - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, 1) / D  # biased, as LayerNorm
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-    weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    y = centred * rstd * weight + bias
+    weight = tl.load(weight_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    y = centred * rstd[:, None] * weight[None, :] + bias[None, :]
     tl.store(y_ptr + offs, _round_to(y, y_ptr.dtype.element_ty), mask=inside)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+    tl.store(mean_ptr + rows, mean, mask=row_in)
+    tl.store(rstd_ptr + rows, rstd, mask=row_in)
 
 
 @triton.jit
 def _add_ln_bwd_kernel(
     dy_ptr, dh_ptr, h_ptr, weight_ptr, mean_ptr, rstd_ptr, dsum_ptr, dweight_part_ptr, dbias_part_ptr,
     n_rows, D, rows_per_program,
-    HAS_DH: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dsum = dh + rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy * xhat)); xhat = (h - mean) * rstd."""
+    """Rows [pid * rows_per_program, ...) in [BLOCK_R, BLOCK_D] tiles (rows_per_program is a
+    multiple of BLOCK_R): dsum = dh + rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy * xhat)),
+    xhat = (h - mean) * rstd; the program's dweight / dbias partial sums in fp32 registers."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
-    inside = cols < D
-    weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    col_in = cols < D
+    weight = tl.load(weight_ptr + cols, mask=col_in, other=0.0).to(tl.float32)
     dweight_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for i in range(0, row_end - row_start):
-        row = row_start + i
-        offs = row.to(tl.int64) * D + cols  # int64: R * D may pass 2**31
+    for start in range(0, row_end - row_start, BLOCK_R):
+        rows = (row_start + start + tl.arange(0, BLOCK_R)).to(tl.int64)  # int64: R * D may pass 2**31
+        row_in = rows < row_end
+        inside = row_in[:, None] & col_in[None, :]
+        offs = rows[:, None] * D + cols[None, :]
         h = tl.load(h_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + row)
-        rstd = tl.load(rstd_ptr + row)
-        xhat = tl.where(inside, (h - mean) * rstd, 0.0)
-        wdy = weight * dy
-        c_xhat = tl.sum(wdy * xhat, 0) / D
-        c_mean = tl.sum(wdy, 0) / D
-        dsum = (wdy - (xhat * c_xhat + c_mean)) * rstd
+        mean = tl.load(mean_ptr + rows, mask=row_in, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_in, other=0.0)
+        xhat = tl.where(inside, (h - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = weight[None, :] * dy
+        c_xhat = tl.sum(wdy * xhat, 1) / D
+        c_mean = tl.sum(wdy, 1) / D
+        dsum = (wdy - (xhat * c_xhat[:, None] + c_mean[:, None])) * rstd[:, None]
         if HAS_DH:
             dsum += tl.load(dh_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(dsum_ptr + offs, _round_to(dsum, dsum_ptr.dtype.element_ty), mask=inside)
-        dweight_acc += dy * xhat
-        dbias_acc += dy
+        dweight_acc += tl.sum(dy * xhat, 0)
+        dbias_acc += tl.sum(dy, 0)
     part = pid.to(tl.int64) * D + cols
-    tl.store(dweight_part_ptr + part, dweight_acc, mask=inside)
-    tl.store(dbias_part_ptr + part, dbias_acc, mask=inside)
+    tl.store(dweight_part_ptr + part, dweight_acc, mask=col_in)
+    tl.store(dbias_part_ptr + part, dbias_acc, mask=col_in)
 
 
 @triton.jit
@@ -131,10 +137,10 @@ def _num_warps(block_d: int) -> int:
 
 
 @on_tensor_device
-def add_layer_norm_fwd(x, branch, weight, bias, eps: float, y_dtype):
-    """x (R, D) contiguous; branch (R, D) contiguous or None; weight, bias (D,) ->
-    (h (R, D) in x + branch's dtype, or an empty tensor without a branch; y (R, D) in y_dtype;
-    mean, rstd (R,) fp32)."""
+def add_layer_norm_fwd(x, branch, weight, bias, eps: float, y_dtype, block_r: int):
+    """x (R, D) contiguous; branch (R, D) contiguous or None; weight, bias (D,); ``block_r``
+    rows per program (ops/layernorm.py's rule) -> (h (R, D) in x + branch's dtype, or an empty
+    tensor without a branch; y (R, D) in y_dtype; mean, rstd (R,) fp32)."""
     R, D = x.shape
     h_dtype = torch.promote_types(x.dtype, branch.dtype) if branch is not None else x.dtype
     h = torch.empty((R, D) if branch is not None else (0,), dtype=h_dtype, device=x.device)
@@ -143,23 +149,25 @@ def add_layer_norm_fwd(x, branch, weight, bias, eps: float, y_dtype):
     rstd = torch.empty(R, dtype=torch.float32, device=x.device)
     if R:
         block_d = triton.next_power_of_2(D)
-        _add_ln_fwd_kernel[(R,)](
+        _add_ln_fwd_kernel[(triton.cdiv(R, block_r),)](
             x, branch if branch is not None else x, weight, bias, h if branch is not None else y,
-            y, mean, rstd, D, eps,
-            HAS_BRANCH=branch is not None, BLOCK_D=block_d, num_warps=_num_warps(block_d))
+            y, mean, rstd, R, D, eps,
+            HAS_BRANCH=branch is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=_num_warps(block_d))
     return h, y, mean, rstd
 
 
 @on_tensor_device
-def add_layer_norm_bwd(dy, dh, h, weight, mean, rstd, num_programs: int, dsum_dtype):
+def add_layer_norm_bwd(dy, dh, h, weight, mean, rstd, num_programs: int, rows_per_program: int,
+                       block_r: int, dsum_dtype):
     """dy (R, D); dh (R, D) or None; h (R, D) (the LayerNorm's input); weight (D,); mean, rstd
-    (R,) fp32; ``num_programs`` chunks of rows (ops/layernorm.py's rule) -> (dsum (R, D) in
-    dsum_dtype, dweight, dbias (D,) in weight's dtype)."""
+    (R,) fp32; ``num_programs`` chunks of ``rows_per_program`` rows, in tiles of ``block_r``
+    rows (ops/layernorm.py's rule) -> (dsum (R, D) in dsum_dtype, dweight, dbias (D,) in
+    weight's dtype)."""
     R, D = h.shape
     dsum = torch.empty((R, D), dtype=dsum_dtype, device=h.device)
     dweight = torch.empty(D, dtype=weight.dtype, device=h.device)
     dbias = torch.empty(D, dtype=weight.dtype, device=h.device)
-    rows_per_program = -(-R // num_programs) if R else 1
     dweight_part = torch.empty((num_programs, D), dtype=torch.float32, device=h.device)
     dbias_part = torch.empty((num_programs, D), dtype=torch.float32, device=h.device)
     block_d = triton.next_power_of_2(D)
@@ -167,7 +175,7 @@ def add_layer_norm_bwd(dy, dh, h, weight, mean, rstd, num_programs: int, dsum_dt
         _add_ln_bwd_kernel[(num_programs,)](
             dy, dh if dh is not None else dy, h, weight, mean, rstd, dsum, dweight_part, dbias_part,
             R, D, rows_per_program,
-            HAS_DH=dh is not None, BLOCK_D=block_d, num_warps=_num_warps(block_d))
+            HAS_DH=dh is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d))
     _ln_grad_reduce_kernel[(triton.cdiv(D, REDUCE_COLS),)](
         dweight_part, dbias_part, dweight, dbias, num_programs, D,
         BLOCK_P=REDUCE_ROWS, BLOCK_C=REDUCE_COLS, num_warps=4)

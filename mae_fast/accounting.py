@@ -471,7 +471,7 @@ def _charge_unshuffle_scatter_backward(counter, args, kwargs, out):
 def _charge_add_layer_norm(counter, args, kwargs, out):
     x, branch, weight, bias = args[:4]
     h, y, mean, rstd = out
-    # _add_ln_fwd_kernel, one program per row: x (+ branch) -> h (with a branch), y, mean, rstd
+    # _add_ln_fwd_kernel, tiles of rows: x (+ branch) -> h (with a branch), y, mean, rstd
     read = tensor_bytes(x) + (tensor_bytes(branch) if branch is not None else 0) \
         + tensor_bytes(weight) + tensor_bytes(bias)
     written = sum(tensor_bytes(t) for t in out)
@@ -483,7 +483,7 @@ def _charge_add_layer_norm_backward(counter, args, kwargs, out):
     dy, dh, h, weight, mean, rstd = args[:6]
     dsum, dweight, dbias = out
     R, D = h.shape
-    partials = 2 * bwd_programs(R) * D * 4  # fp32 (programs, D) partial sums of dweight and dbias
+    partials = 2 * bwd_programs(R, D)[0] * D * 4  # fp32 (programs, D) partial sums of dweight, dbias
     # _add_ln_bwd_kernel: dy, dh, h, the row stats, weight -> dsum, the partials
     rows = Charge(sum(tensor_bytes(t) for t in (dy, h, mean, rstd, weight))
                   + (tensor_bytes(dh) if dh is not None else 0),

@@ -75,11 +75,12 @@ def test_forward_backward_match_the_plain_ops(device, dtype, D):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_no_branch_and_several_rows_per_backward_program(device, dtype, monkeypatch):
     """The first block's norm1 (no branch: h is x, no dh) and a backward whose programs walk
-    several rows each (the partial-sum loop and the workspace reduction over > 32 partials)."""
+    several tiles each (the partial-sum loop) and leave 37 partials (the workspace reduction
+    loops over more than its 32 rows)."""
     monkeypatch.setattr(layernorm, "MAX_BWD_PROGRAMS", 37)
     with on_device(device):
-        x, _, weight, bias, dy, dh = _inputs(111, 40, dtype, seed=1, branch=False)
-        assert layernorm.bwd_programs(111) == 37
+        x, _, weight, bias, dy, dh = _inputs(111, 1280, dtype, seed=1, branch=False)
+        assert layernorm.bwd_programs(111, 1280) == (37, 3)  # one-row tiles at D 1280
         got = _run(_fast, x, None, weight, bias, dy, dh)
         ref = _run(layernorm.reference_add_layer_norm, x, None, weight, bias, dy, dh)
         exact = _run(layernorm.reference_add_layer_norm, *_fp64(x, None, weight, bias, dy, dh))
@@ -87,9 +88,23 @@ def test_no_branch_and_several_rows_per_backward_program(device, dtype, monkeypa
         _assert_within_twice_reference_error(got[i], ref[i], exact[i], dtype, name)
 
 
+def test_multi_row_tiles_in_both_kernels(device, monkeypatch):
+    """Small D: tiles of 32 rows (D 40 -> BLOCK_D 64), a last tile cut short, and a backward
+    program walking two tiles."""
+    monkeypatch.setattr(layernorm, "MAX_BWD_PROGRAMS", 2)
+    with on_device(device):
+        x, branch, weight, bias, dy, dh = _inputs(111, 40, torch.float32, seed=7)
+        assert layernorm.block_rows(40) == 32 and layernorm.bwd_programs(111, 40) == (2, 64)
+        got = _run(_fast, x, branch, weight, bias, dy, dh)
+        ref = _run(layernorm.reference_add_layer_norm, x, branch, weight, bias, dy, dh)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bwd_programs_rule():
-    assert [layernorm.bwd_programs(r) for r in (0, 1, 511, 512, 513, 12800, 50432)] == \
-        [0, 1, 511, 512, 257, 512, 510]  # 50432 rows: 99 per program -> 509 full + one of 41
+    """(programs, rows per program): at most 512 chunks of whole tiles (2048 // BLOCK_D rows)."""
+    got = [layernorm.bwd_programs(R, D) for R, D in
+           ((0, 768), (1, 768), (12800, 768), (50432, 512), (1023, 1280), (7, 40))]
+    assert got == [(0, 2), (1, 2), (493, 26), (505, 100), (512, 2), (1, 32)]
 
 
 @pytest.mark.parametrize("stream", [torch.float32, torch.bfloat16], ids=["fp32-stream", "bf16-stream"])

@@ -185,7 +185,7 @@ def _add_layer_norm_calls(N):
     widths (768, 1280) and the widest the op takes (MAX_WIDTH: BLOCK_D 4096, 16 warps)."""
     import torch
     from mae_fast.kernels import add_layer_norm as kernels
-    from mae_fast.ops.layernorm import MAX_WIDTH, bwd_programs
+    from mae_fast.ops.layernorm import MAX_WIDTH, block_rows, bwd_programs
 
     meta = torch.device("meta")
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
@@ -196,14 +196,15 @@ def _add_layer_norm_calls(N):
     def fwd(label, R, D, x_dtype, branch_dtype, param_dtype, y_dtype):
         def call():
             kernels.add_layer_norm_fwd(t(R, D, dtype=x_dtype), t(R, D, dtype=branch_dtype) if branch_dtype else None,
-                                       t(D, dtype=param_dtype), t(D, dtype=param_dtype), 1e-6, y_dtype)
+                                       t(D, dtype=param_dtype), t(D, dtype=param_dtype), 1e-6, y_dtype,
+                                       block_rows(D))
         return (label, kernels, call)
 
     def bwd(label, R, D, dy_dtype, h_dtype, param_dtype, dh=True):
         def call():
             kernels.add_layer_norm_bwd(t(R, D, dtype=dy_dtype), t(R, D, dtype=h_dtype) if dh else None,
                                        t(R, D, dtype=h_dtype), t(D, dtype=param_dtype), t(R), t(R),
-                                       bwd_programs(R), h_dtype)
+                                       *bwd_programs(R, D), block_rows(D), h_dtype)
         return (label, kernels, call)
 
     enc, dec = N * 50, N * 197

@@ -44,15 +44,25 @@ register_fast(OP, "triton", triton_probe)
 
 MAX_WIDTH = 4096  # BLOCK_D = next_power_of_2(D) <= 4096: one row in registers, no spills (AOT)
 MAX_BWD_PROGRAMS = 512  # backward: rows split into at most this many chunks (partial sums each)
+TILE = 2048  # elements of a [rows, BLOCK_D] tile: several rows per program where D is small
 
 
-def bwd_programs(num_rows: int) -> int:
-    """How many programs the backward kernel launches (each writes one row of partial sums):
-    rows in chunks of ceil(R / min(R, 512)), so every program has at least one row."""
+def block_rows(D: int) -> int:
+    """Rows per tile of the kernels: TILE // next_power_of_2(D), at least 1 (a power of 2)."""
+    block_d = 1 << max(0, (D - 1).bit_length())
+    return max(1, TILE // block_d)
+
+
+def bwd_programs(num_rows: int, D: int) -> Tuple[int, int]:
+    """(programs, rows per program) of the backward kernel: at most MAX_BWD_PROGRAMS chunks of a
+    whole number of tiles each, every program with at least one row (each writes one row of
+    partial sums)."""
     if num_rows == 0:
-        return 0
-    rows_per_program = -(-num_rows // min(num_rows, MAX_BWD_PROGRAMS))
-    return -(-num_rows // rows_per_program)
+        return 0, block_rows(D)
+    block_r = block_rows(D)
+    tiles = -(-num_rows // block_r)
+    rows_per_program = -(-tiles // min(tiles, MAX_BWD_PROGRAMS)) * block_r
+    return -(-num_rows // rows_per_program), rows_per_program
 
 
 def _require_triton(device: torch.device) -> None:
@@ -72,7 +82,7 @@ def add_layer_norm_op(x: torch.Tensor, branch: Optional[torch.Tensor], weight: t
     empty tensor without a branch; y (R, D) in y_dtype; mean, rstd (R,) fp32)."""
     _require_triton(x.device)
     from ..kernels import add_layer_norm as kernels
-    return kernels.add_layer_norm_fwd(x, branch, weight, bias, eps, y_dtype)
+    return kernels.add_layer_norm_fwd(x, branch, weight, bias, eps, y_dtype, block_rows(x.shape[1]))
 
 
 @add_layer_norm_op.register_fake
@@ -92,7 +102,10 @@ def add_layer_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], h: tor
     dtype = dh + LN_bwd(dy), dweight, dbias (D,) in weight's dtype)."""
     _require_triton(h.device)
     from ..kernels import add_layer_norm as kernels
-    return kernels.add_layer_norm_bwd(dy, dh, h, weight, mean, rstd, bwd_programs(h.shape[0]), h.dtype)
+    R, D = h.shape
+    programs, rows_per_program = bwd_programs(R, D)
+    return kernels.add_layer_norm_bwd(dy, dh, h, weight, mean, rstd, programs, rows_per_program,
+                                      block_rows(D), h.dtype)
 
 
 @add_layer_norm_backward.register_fake
