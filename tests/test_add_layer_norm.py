@@ -18,14 +18,19 @@ from _lane import on_device
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def _randn(*shape, generator):
+    """Drawn on CPU (the same numbers in both lanes), then on the default device."""
+    return torch.randn(*shape, generator=generator, device="cpu").to(torch.empty(0).device)
+
+
 def _inputs(R, D, dtype, seed=0, branch=True, param_dtype=None):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(R, D, generator=g) * 2 + 0.5).to(dtype)
-    b = (torch.randn(R, D, generator=g)).to(dtype) if branch else None
-    weight = (1 + 0.3 * torch.randn(D, generator=g)).to(param_dtype or dtype)
-    bias = (0.2 * torch.randn(D, generator=g)).to(param_dtype or dtype)
-    dy = torch.randn(R, D, generator=g).to(dtype)
-    dh = torch.randn(R, D, generator=g).to(dtype)
+    x = (_randn(R, D, generator=g) * 2 + 0.5).to(dtype)
+    b = (_randn(R, D, generator=g)).to(dtype) if branch else None
+    weight = (1 + 0.3 * _randn(D, generator=g)).to(param_dtype or dtype)
+    bias = (0.2 * _randn(D, generator=g)).to(param_dtype or dtype)
+    dy = _randn(R, D, generator=g).to(dtype)
+    dh = _randn(R, D, generator=g).to(dtype)
     return x, b, weight, bias, dy, dh
 
 
@@ -207,7 +212,8 @@ def _step(model, imgs, noise, amp=None):
 
 def _batch(device, seed=5):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 3, 8, 12, generator=g).to(device), torch.rand(2, 6, generator=g).to(device)
+    return (torch.randn(2, 3, 8, 12, generator=g, device="cpu").to(device),
+            torch.rand(2, 6, generator=g, device="cpu").to(device))
 
 
 def test_fused_blocks_match_the_plain_blocks_and_count_their_calls(device, monkeypatch):
@@ -263,6 +269,31 @@ def test_saved_activation_memory_does_not_grow(amp):
     model.set_fused_blocks(False)
     plain = saved_activation_bytes(model, imgs, 0.5, noise, amp_dtype=amp)
     assert fused <= plain, (fused, plain)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)], indirect=True)
+def test_cuda_graph_capture_shows_no_host_sync(device):
+    """Forward and backward (the partial sums and their reduction included) make no host sync:
+    they capture in a CUDA graph, and its replay gives the eager results bitwise."""
+    x, branch, weight, bias, dy, dh = _inputs(333, 768, torch.bfloat16, seed=8)
+
+    def step():
+        h, y, mean, rstd = add_layer_norm_op(x, branch, weight, bias, 1e-6, torch.bfloat16)
+        return (h, y) + tuple(add_layer_norm_backward(dy, dh, h, weight, mean, rstd))
+
+    want = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
 
 
 def test_state_dict_keys_and_info_line():
