@@ -45,6 +45,9 @@ def report(backend: str = "auto") -> str:
               "dq, dk, dv into d(qkv) (mae_fast.attention.qkv_attention), where attention runs sdpa or "
               "xformers with gradients and not under torch.compile; model.set_fused_blocks(False) "
               "gives the plain blocks"]
+    lines += ["contrastive MAE (CAN-style InfoNCE over two masked views, mae_fast.ContrastiveMAE): off by default; "
+              "on with `mae-fast pretrain --contrastive-weight W` (the run header then says so); the plain "
+              "MaskedAutoencoderViT never runs it"]
     return "\n".join(lines)
 
 
