@@ -163,6 +163,10 @@ def test_checkpoint_round_trip_and_the_official_loader_ignores_the_head(tmp_path
     assert report.missing_keys == [] and report.unexpected_keys == []
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k], rtol=0, atol=0)
+    # mae-fast convert's reader: a plain model, the projector in its report's dropped keys
+    from mae_fast import convert
+    converted, conv_report = convert.load_mae(str(path), num_heads=2, decoder_num_heads=2)
+    assert type(converted).__name__ == "MaskedAutoencoderViT" and conv_report.dropped == report.ignored_keys
     # official weights (no head) into a ContrastiveMAE: the head keeps its init, reported missing
     torch.save({"model": plain.state_dict()}, tmp_path / "p.pth")
     report = load_official_checkpoint(again, str(tmp_path / "p.pth"))
