@@ -27,8 +27,9 @@ from . import patch_gather  # noqa: F401  (applies the interpreter compatibility
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
-SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+# globals a @jit function reads must be constexpr (the interpreter does not enforce it)
+SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 @triton.jit
@@ -64,12 +65,14 @@ def _mlp_gemm_kernel(
     pid_m = first_m + (pid % in_group) % group_m
     pid_n = (pid % in_group) // group_m
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # the tile's first row as a 64-bit scalar offset, the rows inside it as 32-bit offsets:
+    # per-element 64-bit offsets cost registers the epilogue needs (ptxas spilled with them)
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
+    row_ok = pid_m * BLOCK_M + offs_m < M
     col_ok = cols < N
-    rows64 = rows.to(tl.int64)
-    a_rows = a_ptr + rows64[:, None] * stride_am  # [BLOCK_M, 1]
+    a_rows = a_ptr + row0 * stride_am + offs_m[:, None] * stride_am  # [BLOCK_M, 1]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -80,7 +83,7 @@ def _mlp_gemm_kernel(
         acc = _dot(a, b, acc, DOT_DTYPE, IEEE, EMULATE_DOT)
 
     out_ok = row_ok[:, None] & col_ok[None, :]
-    pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
+    pre_ptrs = pre_ptr + row0 * stride_pm + offs_m[:, None] * stride_pm + cols[None, :]
     if GELU_GRAD:
         # d(pre) = d(act) * GELU'(pre), GELU'(x) = Phi(x) + x * phi(x), in fp32
         pre = tl.load(pre_ptrs, mask=out_ok, other=0.0).to(tl.float32)
@@ -92,8 +95,8 @@ def _mlp_gemm_kernel(
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=out_ok)
         val = 0.5 * acc * (1.0 + tl.math.erf(acc * SQRT1_2))  # exact GELU of the fp32 pre
-    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], val.to(out_ptr.dtype.element_ty),
-             mask=out_ok)
+    tl.store(out_ptr + row0 * stride_om + offs_m[:, None] * stride_om + cols[None, :],
+             val.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
