@@ -244,6 +244,7 @@ def test_info_reports_the_mlp_path(monkeypatch):
     cuda = text[text.index("on cuda tensors"):]
     line = next(ln for ln in cuda.splitlines() if ln.strip().startswith("mlp"))
     assert "MAE_FAST_MLP=gemm" in line
+    assert "MLP GEMM path (opt-in, MAE_FAST_MLP=gemm; GPU speed not measured): gemm" in text
     backends.clear_cache()
 
 
