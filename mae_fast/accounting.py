@@ -468,6 +468,32 @@ def _charge_unshuffle_scatter_backward(counter, args, kwargs, out):
     return rows + reduce
 
 
+def _charge_mlp_fc1_gelu(counter, args, kwargs, out):
+    x, weight, bias = args[:3]
+    # _mlp_gemm_kernel (forward epilogue): x, W1, b1 -> pre and act, both stored
+    read = tensor_bytes(x) + tensor_bytes(weight) + (tensor_bytes(bias) if bias is not None else 0)
+    return Charge(read, sum(tensor_bytes(t) for t in out), 1)
+
+
+def _charge_mlp_fc2(counter, args, kwargs, out):
+    act, pre, weight, bias = args[:4]
+    # the body is F.linear(act, W2, b2): one aten::addmm (pre is only saved for backward)
+    read = tensor_bytes(act) + tensor_bytes(weight) + (tensor_bytes(bias) if bias is not None else 0)
+    return Charge(read, tensor_bytes(out), 1)
+
+
+def _charge_mlp_fc2_gelu_grad(counter, args, kwargs, out):
+    grad_y, weight, pre = args[:3]
+    # _mlp_gemm_kernel (GELU' epilogue): dy, W2 and the saved pre -> d(pre)
+    return Charge(tensor_bytes(grad_y) + tensor_bytes(weight) + tensor_bytes(pre), tensor_bytes(out), 1)
+
+
+def _charge_linear_weight_grad(counter, args, kwargs, out):
+    grad_out, inp = args[:2]
+    # _linear_wgrad_kernel: G and X once -> dW and db
+    return Charge(tensor_bytes(grad_out) + tensor_bytes(inp), sum(tensor_bytes(t) for t in out), 1)
+
+
 KERNEL_CHARGES: Dict[str, Callable[..., Charge]] = {
     "mae_fast::gather_patches": _charge_gather_patches,
     "mae_fast::scatter_patches": _charge_scatter_patches,
@@ -480,6 +506,10 @@ KERNEL_CHARGES: Dict[str, Callable[..., Charge]] = {
     "mae_fast::random_masking": _charge_random_masking,
     "mae_fast::unshuffle_scatter": _charge_unshuffle_scatter,
     "mae_fast::unshuffle_scatter_backward": _charge_unshuffle_scatter_backward,
+    "mae_fast::mlp_fc1_gelu": _charge_mlp_fc1_gelu,
+    "mae_fast::mlp_fc2": _charge_mlp_fc2,
+    "mae_fast::mlp_fc2_gelu_grad": _charge_mlp_fc2_gelu_grad,
+    "mae_fast::linear_weight_grad": _charge_linear_weight_grad,
 }
 
 
@@ -506,6 +536,35 @@ def _register_flop_formulas() -> None:
 
 
 _register_flop_formulas()
+
+
+def _register_mlp_flop_formulas() -> None:
+    """The opt-in MLP GEMMs (mae_fast.ops.mlp): 2 M N K each, as aten's mm / addmm formulas."""
+    from torch.utils.flop_counter import register_flop_formula
+    from .ops import mlp  # noqa: F401  (defines the ops)
+
+    @register_flop_formula(torch.ops.mae_fast.mlp_fc1_gelu)
+    def _fc1(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        """pre (M, N) = x (M, K) @ W1^T (K, N)."""
+        return 2 * x_shape[0] * weight_shape[0] * weight_shape[1]
+
+    @register_flop_formula(torch.ops.mae_fast.mlp_fc2)
+    def _fc2(act_shape, pre_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        """y (M, C) = act (M, H) @ W2^T (H, C)."""
+        return 2 * act_shape[0] * weight_shape[0] * weight_shape[1]
+
+    @register_flop_formula(torch.ops.mae_fast.mlp_fc2_gelu_grad)
+    def _fc2_gelu_grad(grad_y_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        """d(act) (M, H) = dy (M, C) @ W2 (C, H)."""
+        return 2 * grad_y_shape[0] * weight_shape[0] * weight_shape[1]
+
+    @register_flop_formula(torch.ops.mae_fast.linear_weight_grad)
+    def _linear_weight_grad(grad_out_shape, inp_shape, *args, out_shape=None, **kwargs) -> int:
+        """dW (N, K) = G^T (N, M) @ X (M, K)."""
+        return 2 * grad_out_shape[0] * grad_out_shape[1] * inp_shape[1]
+
+
+_register_mlp_flop_formulas()
 
 
 # ---- attention: the flash kernel as one charge, everything around it op by op ---------------
@@ -909,6 +968,10 @@ H100 = Roofline()
 _GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution",
          "aten::convolution_backward", "mae_fast::patch_embed_gemm")
 
+# the opt-in MLP GEMMs (MAE_FAST_MLP=gemm), epilogues included
+MLP_GEMM_OPS = ("mae_fast::mlp_fc1_gelu", "mae_fast::mlp_fc2", "mae_fast::mlp_fc2_gelu_grad",
+                "mae_fast::linear_weight_grad")
+
 
 def op_kind(r: OpRecord) -> str:
     op = r.op
@@ -916,7 +979,7 @@ def op_kind(r: OpRecord) -> str:
         return "optimizer"
     if "flash" in op:
         return "attention kernel"
-    if op.startswith(_GEMM) or op == "mae_fast::patch_embed_gemm_backward":
+    if op.startswith(_GEMM) or op in ("mae_fast::patch_embed_gemm_backward", *MLP_GEMM_OPS):
         return "GEMM"
     if op.startswith("mae_fast::"):
         return "mae_fast glue ops"
@@ -1209,7 +1272,13 @@ def main(argv=None) -> int:
                     help="for --roofline: pure bf16 and/or bf16 autocast with fp32 master weights")
     ap.add_argument("--top-ops", type=int, default=0, metavar="N",
                     help="for --roofline: also list mae_fast's N most expensive (phase, op) groups")
+    ap.add_argument("--mlp", choices=("plain", "gemm"), default=None,
+                    help="mae_fast's MLP: the default cuBLAS nn.Linear + nn.GELU(), or the opt-in Triton "
+                         "GEMM epilogues (sets MAE_FAST_MLP; default: as the environment says)")
     args = ap.parse_args(argv)
+    if args.mlp is not None:
+        import os
+        os.environ["MAE_FAST_MLP"] = args.mlp
     for arch in args.models:
         if args.roofline:
             for precision in args.precision:

@@ -18,6 +18,7 @@ def report(backend: str = "auto") -> str:
     import torch
 
     from . import __version__, _ext, backends
+    from .ops.mlp import mlp_mode
 
     lines = [f"mae_fast {__version__}",
              f"python {platform.python_version()} on {platform.machine()}",
@@ -45,6 +46,11 @@ def report(backend: str = "auto") -> str:
               "dq, dk, dv into d(qkv) (mae_fast.attention.qkv_attention), where attention runs sdpa or "
               "xformers with gradients and not under torch.compile; model.set_fused_blocks(False) "
               "gives the plain blocks"]
+    try:
+        mode = mlp_mode()
+    except ValueError as e:
+        mode = f"ERROR {e}"
+    lines.append(f"MLP GEMM path (opt-in, MAE_FAST_MLP=gemm; GPU speed not measured): {mode}")
     lines += ["contrastive MAE (CAN-style InfoNCE over two masked views, mae_fast.ContrastiveMAE): off by default; "
               "on with `mae-fast pretrain --contrastive-weight W` (the run header then says so); the plain "
               "MaskedAutoencoderViT never runs it"]

@@ -61,6 +61,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.grad_checkpointing = False  # see set_grad_checkpointing
         self.set_attn_backend(attn_backend)
+        for blk in list(self.blocks) + list(self.decoder_blocks):
+            blk.mlp.backend = self.backend  # the opt-in MLP GEMMs (MAE_FAST_MLP=gemm) follow backend
         self.initialize_weights()
 
     def set_attn_backend(self, attn_backend=None):

@@ -162,6 +162,7 @@ def launches():
             grad_tokens14, imgs, ids_keep14, weight14.shape, torch.float32, torch.float32,
             torch.float32, torch.float32)),
     ]
+    calls += mlp_calls()
     out, seen = [], set()
     for label, module, call in calls:
         sink = []
@@ -175,6 +176,37 @@ def launches():
             out.append((label if i == 0 else f"{label} ({name.strip('_').replace('_kernel', '')})",
                         module, name, args, kwargs))
     return out
+
+
+# the opt-in MLP GEMMs (MAE_FAST_MLP=gemm): (embed dim, MLP hidden dim, token rows at batch 256)
+# of the ViT-B/16, ViT-L/16, ViT-H/14 encoders and the decoder (512 / 2048, 197 tokens)
+MLP_WIDTHS = {"ViT-B/16": (768, 3072, 256 * 50), "ViT-L/16": (1024, 4096, 256 * 50),
+              "ViT-H/14": (1280, 5120, 256 * 65), "decoder": (512, 2048, 256 * 197)}
+
+
+def mlp_calls():
+    """Every launch of kernels/mlp_gemm.py at every MLP width, in bf16, fp16 (autocast or pure
+    low precision) and fp32: fc1 + GELU (forward), fc2's grad-input GEMM with GELU', and the
+    weight-gradient GEMM with the bias sums (fc2's: G = dy, X = act; fc1's: G = d(pre), X = x).
+    The widths are all multiples of 16, so they specialise alike and `launches` keeps the first
+    of each (tests/test_mlp_gemm.py checks this)."""
+    import torch
+    from mae_fast.kernels import mlp_gemm
+
+    meta = torch.device("meta")
+    calls = []
+    for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+        for model, (C, H, M) in MLP_WIDTHS.items():
+            t = lambda *shape: torch.empty(*shape, dtype=dtype, device=meta)  # noqa: E731
+            x, w1, b1, w2, pre = t(M, C), t(H, C), t(H), t(C, H), t(M, H)
+            calls += [
+                (f"mlp fc1+GELU {tag}", mlp_gemm, lambda x=x, w1=w1, b1=b1: mlp_gemm.fc1_gelu(x, w1, b1)),
+                (f"mlp fc2 dgrad*GELU' {tag}", mlp_gemm,
+                 lambda x=x, w2=w2, pre=pre: mlp_gemm.fc2_gelu_grad(x, w2, pre)),
+                (f"mlp wgrad+bias {tag}", mlp_gemm, lambda x=x, pre=pre: mlp_gemm.linear_weight_grad(x, pre)),
+                (f"mlp wgrad+bias {tag}", mlp_gemm, lambda x=x, pre=pre: mlp_gemm.linear_weight_grad(pre, x)),
+            ]
+    return calls
 
 
 def _specialisation(a):
