@@ -133,11 +133,11 @@ def to_normalized_tensor(img, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_S
     """PIL RGB (H, W), or a uint8 tensor (3, H, W) -> float32 (3, H, W): ToTensor (/255) then
     Normalize(mean, std)."""
     if isinstance(img, torch.Tensor):
-        x = img.to(torch.float32) / 255.0  # (3, H, W)
+        x = img.to(torch.float32) / 255.0  # (3, H, W), on the image's device (--decode gpu: the GPU)
     else:
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, H, W)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return (x - mean_t) / std_t
 
 
