@@ -375,19 +375,18 @@ def decode_gpu_batch(samples: Sequence, device: torch.device, dataset) -> Tuple[
     a JPEG the GPU decoder rejects is loaded again on the CPU (``dataset.load(key, "torchvision")``),
     substituted there if it is unreadable, and reported in the bad files."""
     from torchvision.io import ImageReadMode, decode_jpeg
-    jpegs = [s for s in samples if isinstance(s, GpuJpeg)]
-    decoded = {}
-    if jpegs:
+    jpeg_at = [k for k, s in enumerate(samples) if isinstance(s, GpuJpeg)]
+    decoded = {}  # position in the batch -> uint8 (3, H, W) on device
+    if jpeg_at:
         try:
-            images = decode_jpeg([s.data for s in jpegs], mode=ImageReadMode.RGB, device=device)
-            decoded = {i: img for i, img in zip([k for k, s in enumerate(samples) if isinstance(s, GpuJpeg)], images)}
-        except RuntimeError:  # one bad JPEG fails the batch: decode one by one
-            for k, s in enumerate(samples):
-                if isinstance(s, GpuJpeg):
-                    try:
-                        decoded[k] = decode_jpeg(s.data, mode=ImageReadMode.RGB, device=device)
-                    except RuntimeError:
-                        pass
+            images = decode_jpeg([samples[k].data for k in jpeg_at], mode=ImageReadMode.RGB, device=device)
+            decoded = dict(zip(jpeg_at, images))
+        except Exception:  # one bad JPEG fails the whole batch: decode them one by one
+            for k in jpeg_at:
+                try:
+                    decoded[k] = decode_jpeg(samples[k].data, mode=ImageReadMode.RGB, device=device)
+                except Exception:
+                    pass  # retried on the CPU below
     out, bad = [], []
     transform = dataset.train_transform
     for k, s in enumerate(samples):
