@@ -83,7 +83,9 @@ def resolve_decode(decode: str, cuda: bool = False) -> Tuple[str, str]:
     the CPU mode "auto" picks, with the reason (printed in the run header)."""
     if decode not in DECODE_MODES:
         raise DataError(f"decode mode {decode!r}: one of {', '.join(DECODE_MODES)}")
-    tv_error = torchvision_error()
+    if decode in ("pil", "pil-draft"):
+        return decode, "as asked"
+    tv_error = torchvision_error()  # imports torchvision (about a second, once)
     if decode == "auto":
         return ("pil", f"auto: torchvision not importable ({tv_error})") if tv_error \
             else ("torchvision", "auto: torchvision importable")

@@ -154,3 +154,38 @@ def test_ddp_two_processes_gloo_on_shards(tmp_path):
     seen = [[int(x) for x in (tmp_path / f"rank{r}.txt").read_text().split()] for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 8  # 2 steps x batch 4 on each rank
     assert len(set(seen[0])) == 8 and not set(seen[0]) & set(seen[1])  # disjoint: each image once
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_direct_header_reader_lists_what_tarfile_lists(tmp_path, fmt):
+    from mae_fast import shards
+    path = tmp_path / "s.tar"
+    names = ["a/0.jpg", "a/0.cls", "b" * 60 + "/" + "c" * 60 + ".png", "d.jpg"]  # 121 chars: ustar prefix
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for n, name in enumerate(names):
+            _add(tar, name, bytes(range(n + 1)) * 300)
+        tar.addfile(_dir("a/sub"))  # not a file: left out
+    want = shards._tarfile_members(str(path))
+    assert [m[0] for m in want] == names
+    got = shards._ustar_members(str(path))
+    if fmt == tarfile.USTAR_FORMAT:
+        assert got == want  # the long name sits in the ustar prefix field
+    else:
+        assert got is None  # GNU long-name / pax header: tarfile reads this shard
+        short = tmp_path / "short.tar"  # without the long name the header reader takes it
+        with tarfile.open(short, "w", format=fmt) as tar:
+            for name in names[:2] + names[3:]:
+                _add(tar, name, b"xyz" * 200)
+        assert shards._ustar_members(str(short)) == shards._tarfile_members(str(short))
+    assert shards.index_shard(str(path))[0][0][:3] == ("a/0", want[0][1], want[0][2])
+    # the reader's offsets are the members' bytes
+    with open(path, "rb") as f:
+        for n, (_, offset, size) in enumerate(want):
+            f.seek(offset)
+            assert f.read(size) == bytes(range(n + 1)) * 300
+
+
+def _dir(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info

@@ -33,7 +33,7 @@ def build_dataset(args, device=None):
         dataset = TarShards(args.data_path, args.input_size, scale, decode, output, cuda)
         skipped = f", {dataset.skipped} samples without an image skipped" if dataset.skipped else ""
         return dataset, (f"tar shards {dataset.root}: {len(dataset.shards)} shard(s), {len(dataset)} images, "
-                         f"{len(dataset.classes)} classes{skipped}; decode {dataset.decode} ({dataset.decode_why}), "
+                         f"labels from .cls{skipped}; decode {dataset.decode} ({dataset.decode_why}), "
                          f"{output} batches")
     if args.data_path is not None:
         dataset = ImageFolder(args.data_path, args.input_size, scale, decode, output, cuda)
