@@ -183,3 +183,20 @@ def test_gpu_decode_batches_the_jpegs_on_the_device(tmp_path, dev):
     assert [p for p, _ in late_bad] == [bad_tree.samples[truncated][0]]
     # its substitute was made on the CPU, as dataset.load makes it
     torch.testing.assert_close(out[0].cpu(), bad_tree.load((truncated, 9), "torchvision")[0], rtol=0, atol=0)
+
+
+def test_input_dtype_uint8_trains_or_says_what_is_missing(tmp_path, capsys):
+    """--input-dtype uint8 ships uint8 batches to a model that normalises them itself
+    (set_input_normalization, issue 15 item 2); a model without it is a clear error, not a silent
+    un-normalised run."""
+    from mae_fast import pretrain
+    from mae_fast.recipes import build_model
+    from test_pretrain import TINY, read_log
+    code = pretrain.main(TINY + ["--epochs", "1", "--input-dtype", "uint8", "--num-preview", "0",
+                                 "--output-dir", str(tmp_path)])
+    if hasattr(build_model("mae_vit_tiny_patch4", 16, False, "auto"), "set_input_normalization"):
+        assert code == 0 and torch.isfinite(read_log(tmp_path)[1]).all()
+        assert "uint8 batches" in capsys.readouterr().out
+    else:
+        assert code == 2
+        assert "--input-dtype uint8 needs a model with set_input_normalization" in capsys.readouterr().err
