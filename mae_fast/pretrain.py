@@ -42,11 +42,11 @@ import torch.nn as nn
 
 from . import lr_sched
 from .data import DECODE_MODES, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DataError, stack
-from .shards import is_shard_spec
 from .knn import KnnMonitor
 from .linprobe import compare_with_random_init
 from .recipes import (DEFAULT_MODEL, DEMO_RECIPE, MODELS, OFFICIAL_RECIPE, UsageError,  # noqa: F401
                       build_model, default_cpu_threads, mae_vit_tiny_patch4, mae_vit_tiny_patch8)
+from .shards import is_shard_spec
 from .train.amp import AMP_NAMES, resolve_amp
 from .train.loader import BadFiles, EpochBatches, build_dataset, build_loader, default_num_workers, to_device
 from .train.log import RunLog, progress_bar
