@@ -154,7 +154,7 @@ def test_gpu_decode_batches_the_jpegs_on_the_device(tmp_path, dev):
     assert gpu.decode == "gpu"
     assert isinstance(gpu[(0, 5)], GpuJpeg) and gpu[(5, 5)].shape == (3, 24, 24)  # the PNG: decoded
     batches = EpochBatches(gpu, batch_size=3, seed=0)
-    for batch, keys in zip(build_loader(gpu, batches, 0, torch.device("cpu")), list(batches)):
+    for batch, keys in zip(build_loader(gpu, batches, 0, torch.device(dev)), list(batches)):  # cuda: pinned
         imgs, bad = batch
         assert isinstance(imgs, GpuBatch) and bad == ()
         out, late_bad = to_device(imgs, torch.device(dev), gpu)  # (3, 3, 24, 24) on dev
