@@ -1,20 +1,22 @@
-"""WebDataset tar shards (``--data-path 'shards-{000000..000099}.tar'``), read with the stdlib ``tarfile``.
+"""WebDataset tar shards (``--data-path 'shards-{000000..000099}.tar'``), read with the stdlib.
 
 The format is WebDataset's: plain (uncompressed) tar files whose members are grouped into samples by
 their key, the member path up to the first dot of its file name (``n01440764/x123.jpg`` and
 ``n01440764/x123.cls`` are one sample ``n01440764/x123``). A sample's image is its first member with
 an image extension (jpg, jpeg, png, webp, ...); its label is the integer in its ``cls`` member when
-there is one (else 0; read when asked for); other members are ignored, and a sample without an image is skipped (counted).
+there is one (else 0; read when asked for); other members are ignored, and a sample without an
+image is skipped (counted).
 
 How it is read: once, at start-up, every shard's headers are listed (read directly for plain
-ustar/GNU tars, else by ``tarfile``; both seek over the member data: no image is read), giving each image member's shard, byte offset and size; a sample is
-then one ``os.pread`` of those bytes. So the shards form an ordinary indexed data set and take the
-trainer's usual path: the ``DistributedSampler`` splits the samples across DDP ranks (disjoint),
-``DataLoader`` workers build whole batches, the crop/flip come from the ``(index, sample_seed)`` keys,
-and a resumed run reads exactly the samples an uninterrupted one would (exact resume, any number of
-workers). The cost: each rank reads its samples from every shard in random order (random reads,
-fine on local disks and parallel file systems; for object stores that only stream, WebDataset's own
-sequential shard-per-worker reader is the tool, not built here: its resume is not exact).
+ustar/GNU tars, else by ``tarfile``; both seek over the member data: no image is read), giving each
+image member's shard, byte offset and size; a sample is then one ``os.pread`` of those bytes. So the
+shards form an ordinary indexed data set and take the trainer's usual path: the
+``DistributedSampler`` splits the samples across DDP ranks (disjoint), ``DataLoader`` workers build
+whole batches, the crop/flip come from the ``(index, sample_seed)`` keys, and a resumed run reads
+exactly the samples an uninterrupted one would (exact resume, any number of workers). The cost: each
+rank reads its samples from every shard in random order (random reads, fine on local disks and
+parallel file systems; for object stores that only stream, WebDataset's own sequential
+shard-per-worker reader is the tool, not built here: its resume is not exact).
 """
 import os
 import re
