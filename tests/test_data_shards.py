@@ -110,6 +110,20 @@ def test_workers_read_the_shards_like_the_main_process(tmp_path):
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
 
 
+def test_a_resumed_epoch_reads_the_same_samples_and_pixels(tmp_path):
+    """What exact resume needs of the data: an epoch resumed after k batches (EpochBatches skip, as
+    --resume sets it) yields the very batches the uninterrupted epoch yielded from batch k on."""
+    shards = TarShards(write_shards(tmp_path), 16)
+    whole = EpochBatches(shards, batch_size=4, seed=2)
+    whole.set_epoch(3)
+    resumed = EpochBatches(shards, batch_size=4, seed=2)
+    resumed.set_epoch(3, skip=1)
+    a = [b for b, _ in build_loader(shards, whole, 0, torch.device("cpu"))]
+    b = [b for b, _ in build_loader(shards, resumed, 1, torch.device("cpu"))]
+    assert len(a) == 3 and len(b) == 2
+    torch.testing.assert_close(torch.stack(b), torch.stack(a[1:]), rtol=0, atol=0)
+
+
 def test_bad_shard_specs_are_clear_errors(tmp_path):
     spec = write_shards(tmp_path, n_shards=2)
     with pytest.raises(DataError, match="1 of 3 shard"):
