@@ -14,6 +14,12 @@ def _version(module):
         return f"not available ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
 
 
+def _decode_auto() -> str:
+    from .data import resolve_decode
+    mode, why = resolve_decode("auto")
+    return f"{mode} ({why}; torchvision {_version('torchvision')})" if mode == "torchvision" else f"{mode} ({why})"
+
+
 def report(backend: str = "auto") -> str:
     import torch
 
@@ -27,6 +33,7 @@ def report(backend: str = "auto") -> str:
              + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
              f"triton {_version('triton')}",
              f"xformers {_version('xformers')}",
+             f"data: --decode auto -> {_decode_auto()}",
              f"mae_fast._C: {_ext.how_obtained()}"
              + (f"; CUDA kernels {'compiled in' if _ext.built_with_cuda() else 'not compiled in'}"
                 if _ext.LOADED else ""),

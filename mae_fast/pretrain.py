@@ -42,13 +42,14 @@ import torch.nn as nn
 
 from . import lr_sched
 from .contrastive import DEFAULT_VIEW_MASK_RATIO, ContrastiveMAE
-from .data import DataError, ImageFolder, stack
+from .data import DECODE_MODES, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DataError, stack
 from .knn import KnnMonitor
 from .linprobe import compare_with_random_init
 from .recipes import (DEFAULT_MODEL, DEMO_RECIPE, MODELS, OFFICIAL_RECIPE, UsageError,  # noqa: F401
                       build_model, default_cpu_threads, mae_vit_tiny_patch4, mae_vit_tiny_patch8)
+from .shards import is_shard_spec
 from .train.amp import AMP_NAMES, resolve_amp
-from .train.loader import BadFiles, EpochBatches, build_dataset, build_loader, default_num_workers
+from .train.loader import BadFiles, EpochBatches, build_dataset, build_loader, default_num_workers, to_device
 from .train.log import RunLog, progress_bar
 from .train.seeds import mask_noise, rng_state, sample_seed, seed_process, set_rng_state  # noqa: F401
 from .train.state import (SAVE_FORMATS, Checkpointer, check_save_format, checkpoint_dict,  # noqa: F401
@@ -135,12 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp16 uses a grad scaler")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None,
-                   help="ImageFolder tree root/<class>/<image> (root/train used if present); "
+                   help="ImageFolder tree root/<class>/<image> (root/train used if present), or WebDataset "
+                        "tar shards 'shards-{000000..000099}.tar' (docs/DATA.md); "
                         "default: built-in scikit-image photos and faces")
     g.add_argument("--builtin-size", type=int, default=4096, help="samples per epoch of the built-in data")
-    g.add_argument("--decode", default="pil", choices=ImageFolder.DECODE_MODES,
-                   help="ImageFolder decoding: pil (whole image), pil-draft (JPEG at a reduced DCT scale "
-                        "when the crop is >= 2x the output) or torchvision (if installed); docs/DATA.md")
+    g.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                   help="decoding and crop/resize: auto (torchvision when it imports, else pil), pil (whole "
+                        "image), pil-draft (JPEG at a reduced DCT scale when the crop is >= 2x the output), "
+                        "torchvision, gpu (JPEGs decoded batched on the CUDA device; CPU otherwise); docs/DATA.md")
+    g.add_argument("--input-dtype", default="float", choices=("float", "uint8"),
+                   help="what the loader ships to the device: normalised float32, or uint8 (4x fewer bytes; "
+                        "needs a model with set_input_normalization, which normalises on the device)")
     g.add_argument("--strict-data", action="store_true",
                    help="stop at the first unreadable image (default: replace it by another sample, warn, "
                         "count it in log.csv bad_samples)")
@@ -237,7 +243,8 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
             raise UsageError(msg)
     if args.knn_data is not None and not os.path.isdir(os.path.expanduser(args.knn_data)):
         raise UsageError(f"--knn-data {args.knn_data!r} is not a directory")
-    if args.data_path is not None and not os.path.isdir(os.path.expanduser(args.data_path)):
+    if args.data_path is not None and not is_shard_spec(args.data_path) \
+            and not os.path.isdir(os.path.expanduser(args.data_path)):
         raise UsageError(f"--data-path {args.data_path!r} is not a directory"
                          f"{'' if os.path.exists(os.path.expanduser(args.data_path)) else ' (it does not exist)'}")
     args.world_size = world_size
@@ -366,8 +373,10 @@ def _setup_run(args, rank, world_size, device, distributed, resume=None) -> Simp
     is_main = rank == 0
     say = print_on(is_main)
     # data first: a bad --data-path fails before anything is built
-    dataset, data_desc = build_dataset(args)
+    dataset, data_desc = build_dataset(args, device)
     if contrastive_on(args):  # two augmented views per image (TwoViews: view 0 is the plain run's sample)
+        if args.decode == "gpu":  # TwoViews stacks decoded views; --decode gpu ships encoded JPEGs
+            raise UsageError("--contrastive-weight does not work with --decode gpu yet: use a CPU decode mode")
         dataset, data_desc = TwoViews(dataset), data_desc + ", two views per sample"
     batches = EpochBatches(dataset, args.batch_size, args.seed, rank, world_size)
     steps_per_epoch = batches.steps_per_epoch
@@ -385,6 +394,10 @@ def _setup_run(args, rank, world_size, device, distributed, resume=None) -> Simp
             view_mask_ratio=args.mask_ratio)
     seed_process(args.seed + rank)
     model_without_ddp.set_grad_checkpointing(args.grad_checkpointing)
+    if args.input_dtype == "uint8":  # the model normalises the uint8 batches on the device
+        if not hasattr(model_without_ddp, "set_input_normalization"):
+            raise UsageError("--input-dtype uint8 needs a model with set_input_normalization (not in this build)")
+        model_without_ddp.set_input_normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     amp_dtype, amp_reason = resolve_amp(args.amp, device, width=model_without_ddp.cls_token.shape[-1])
     if amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--amp bf16 but this GPU has no bfloat16; use --amp fp16")
@@ -417,6 +430,7 @@ def _setup_run(args, rank, world_size, device, distributed, resume=None) -> Simp
     return SimpleNamespace(
         args=args, rank=rank, device=device, distributed=distributed, is_main=is_main, say=say, log=log,
         model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, batches=batches, loader=loader,
+        dataset=dataset,
         step=TrainStep(model, optimizer, scaler, amp_dtype, device, args, distributed, forward=forward,
                        report_first=_report_compile(say, args) if args.compile else None),
         t_window=0.0, window_images=0, bad_files=BadFiles(args.strict_data, rank),
@@ -506,7 +520,8 @@ def _run_epoch(run, epoch: int, skip: int):
         step = epoch * spe + it
         if it % args.accum_iter == 0:
             run.lr = set_learning_rate(run.optimizer, it / spe + epoch, args)
-        imgs = imgs.to(run.device, non_blocking=True)
+        imgs, late_bad = to_device(imgs, run.device, run.dataset)  # (N, 3, H, W); --decode gpu decodes here
+        run.bad_files.note(late_bad)
         if step in args.simulate_nan_at_steps:
             imgs = torch.full_like(imgs, float("nan"))
         if imgs.dim() == 5:  # two views per image (--contrastive-weight): noise (N, 2, L)
