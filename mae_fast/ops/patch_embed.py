@@ -72,6 +72,35 @@ def _(imgs, ids_keep, patch_size):
     return imgs.new_empty((N, ids_keep.shape[1], C * patch_size * patch_size))
 
 
+@torch.library.custom_op("mae_fast::gather_patches_normalized", mutates_args=())
+def gather_patches_normalized(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
+                              pixel_norm: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """uint8 imgs (N, C, H, W); ids_keep (N, K); pixel_norm (2, C) fp32 (mean, std rows) ->
+    patches (N, K, C*p*p) in out_dtype, (c, p, q) order: ``(x / 255 - mean[c]) / std[c]`` in
+    fp32, rounded once to out_dtype. Equal to ``gather_patches`` on
+    ``reference.normalize_pixels(imgs, pixel_norm, out_dtype)``, without that float image: the
+    kernel reads the kept uint8 pixels and normalises them in registers. No autograd: uint8
+    images take no gradient and the statistics are constants (the public op checks)."""
+    N, C, H, W = imgs.shape
+    check_ids(ids_keep, (H // patch_size) * (W // patch_size), "ids_keep")
+    if _triton_runs(imgs.device):
+        from ..kernels import patch_gather
+        return patch_gather.gather_patches_normalized(imgs, ids_keep, patch_size, pixel_norm,
+                                                      out_dtype)
+    p = patch_size
+    rows = _patch_rows(imgs, p)  # (N, L, C*p*p) uint8
+    kept = torch.gather(rows, 1, ids_keep.long().unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
+    # the kept patches as (N*K, C, p, p) images: the reference's per-channel math on them only
+    return reference.normalize_pixels(kept.reshape(-1, C, p, p), pixel_norm, out_dtype) \
+        .reshape(N, ids_keep.shape[1], C * p * p)
+
+
+@gather_patches_normalized.register_fake
+def _(imgs, ids_keep, patch_size, pixel_norm, out_dtype):
+    N, C = imgs.shape[:2]
+    return imgs.new_empty((N, ids_keep.shape[1], C * patch_size * patch_size), dtype=out_dtype)
+
+
 @torch.library.custom_op("mae_fast::scatter_patches", mutates_args=())
 def scatter_patches(grad_patches: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
                     height: int, width: int, channels_last: bool) -> torch.Tensor:
@@ -361,27 +390,75 @@ def fast_dtypes_ok(*tensors) -> bool:
     return all(t.dtype in FAST_DTYPES for t in tensors)
 
 
-def patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, *, backend="auto"):
+# ---- uint8 images: normalisation fused into the image reads ------------------------------
+
+def check_pixel_norm(imgs, pixel_norm, pixel_dtype) -> None:
+    """uint8 imgs need ``pixel_norm`` (2, C) fp32 (mean row, std row, no grad, imgs' device)
+    and ``pixel_dtype``, the float dtype the normalised image stands for; float imgs take
+    neither. Anything else -> a clear error."""
+    if imgs.dtype != torch.uint8:
+        if pixel_norm is not None or pixel_dtype is not None:
+            raise TypeError(f"pixel_norm / pixel_dtype apply to uint8 images only, got {imgs.dtype}")
+        if not imgs.is_floating_point():
+            raise TypeError(f"imgs must be floating point, or uint8 with pixel_norm, got {imgs.dtype}")
+        return
+    if pixel_norm is None or pixel_dtype is None:
+        raise TypeError("uint8 imgs need pixel_norm (2, C) fp32 (mean, std) and pixel_dtype")
+    C = imgs.shape[1] if imgs.dim() == 4 else None
+    if pixel_norm.dtype != torch.float32 or tuple(pixel_norm.shape) != (2, C):
+        raise ValueError(f"pixel_norm must be (2, {C}) float32 (mean row, std row), got "
+                         f"{tuple(pixel_norm.shape)} {pixel_norm.dtype}")
+    if pixel_norm.requires_grad:
+        raise ValueError("pixel_norm is a constant of the input pipeline: it takes no gradient")
+    if not (isinstance(pixel_dtype, torch.dtype) and pixel_dtype.is_floating_point):
+        raise TypeError(f"pixel_dtype must be a floating-point dtype, got {pixel_dtype!r}")
+    check_same_device(imgs=imgs, pixel_norm=pixel_norm)
+
+
+def float_pixels(imgs, pixel_norm, pixel_dtype):
+    """The float image a uint8 ``imgs`` stands for (the reference paths normalise first and run
+    the float code); float ``imgs`` unchanged."""
+    if imgs.dtype != torch.uint8:
+        return imgs
+    return reference.normalize_pixels(imgs, pixel_norm, pixel_dtype)
+
+
+def patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, *, backend="auto",
+                       pixel_norm=None, pixel_dtype=None):
     """imgs (N, C, H, W); weight (D, C, p, p); bias (D,); pos_embed (1, 1+L, D);
-    cls_token (1, 1, D); ids_keep (N, K) -> encoder tokens (N, 1+K, D)."""
+    cls_token (1, 1, D); ids_keep (N, K) -> encoder tokens (N, 1+K, D).
+
+    uint8 imgs: ``pixel_norm`` (2, C) fp32 (mean, std rows) and ``pixel_dtype`` say which float
+    image they stand for, ``reference.normalize_pixels(imgs, pixel_norm, pixel_dtype)``; the
+    result equals that image's. The fast path normalises the kept pixels inside the gather (no
+    float image); the reference normalises the image first."""
+    check_pixel_norm(imgs, pixel_norm, pixel_dtype)
     choice = choose(OP, imgs.device, backend)
     if choice.impl == "reference":
-        return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
+        return reference.patch_embed_masked(float_pixels(imgs, pixel_norm, pixel_dtype), weight,
+                                            bias, pos_embed, cls_token, ids_keep)
     # the kernels compute in fp32 at most: a float64 image, weight, table or token runs the
     # reference rather than losing precision silently
-    if not fast_dtypes_ok(imgs, weight, pos_embed, cls_token):
+    pixels_dtype = pixel_dtype or imgs.dtype  # a uint8 image's: the float image it stands for
+    if pixels_dtype not in FAST_DTYPES or not fast_dtypes_ok(weight, pos_embed, cls_token):
         if backend == "fast":
             raise TypeError(f"backend='fast': {OP} supports imgs, weight, pos_embed and cls_token in "
-                            f"{FAST_DTYPES}, got {imgs.dtype}, {weight.dtype}, {pos_embed.dtype}, "
+                            f"{FAST_DTYPES}, got {pixels_dtype}, {weight.dtype}, {pos_embed.dtype}, "
                             f"{cls_token.dtype}")
-        return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
+        return reference.patch_embed_masked(float_pixels(imgs, pixel_norm, pixel_dtype), weight,
+                                            bias, pos_embed, cls_token, ids_keep)
     p, _ = _check_inputs(imgs, weight, bias, pos_embed, cls_token, ids_keep)
-    if _use_gemm_kernel():
+    # uint8 images take the split path with the normalising gather: the one-kernel GEMM reads
+    # float images only, so MAE_FAST_PATCH_EMBED=gemm runs the split path for them (docs/TRITON.md)
+    if pixel_norm is None and _use_gemm_kernel():
         if imgs.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(imgs.device.type):
             compute_dtype = torch.get_autocast_dtype(imgs.device.type)
         else:
             compute_dtype = torch.promote_types(imgs.dtype, weight.dtype)
         return patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype)
-    patches = gather_patches(imgs, ids_keep, p)  # (N, K, C*p*p)
+    if pixel_norm is None:
+        patches = gather_patches(imgs, ids_keep, p)  # (N, K, C*p*p)
+    else:
+        patches = gather_patches_normalized(imgs, ids_keep, p, pixel_norm, pixel_dtype)
     x = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)  # (N, K, D)
     return add_pos_cls(x, pos_embed, cls_token, ids_keep)  # (N, 1+K, D)
