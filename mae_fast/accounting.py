@@ -410,9 +410,10 @@ def _charge_patch_embed_gemm(counter, args, kwargs, out):
     K = ids_keep.shape[1]
     L = (H // p) * (W // p)
     pos_rows = 1 + _distinct_rows(ids_keep, L)
+    pixel_norm = _pixel_norm_arg(args, kwargs, 7)  # uint8 imgs: the (2, C) mean/std too
     read = (tensor_bytes(ids_keep) + N * K * C * p * p * _el(imgs) + tensor_bytes(weight)
             + (tensor_bytes(bias) if bias is not None else 0) + pos_rows * D * _el(pos_embed)
-            + D * _el(cls_token))
+            + D * _el(cls_token) + (tensor_bytes(pixel_norm) if pixel_norm is not None else 0))
     return Charge(read, tensor_bytes(out), 1)
 
 
@@ -421,7 +422,9 @@ def _charge_patch_embed_gemm_backward(counter, args, kwargs, out):
     C = imgs.shape[1]
     p = weight_shape[-1]
     N, K = ids_keep.shape
-    read = tensor_bytes(grad_out) + tensor_bytes(ids_keep) + N * K * C * p * p * _el(imgs)
+    pixel_norm = _pixel_norm_arg(args, kwargs, 8)
+    read = (tensor_bytes(grad_out) + tensor_bytes(ids_keep) + N * K * C * p * p * _el(imgs)
+            + (tensor_bytes(pixel_norm) if pixel_norm is not None else 0))
     return Charge(read, sum(tensor_bytes(t) for t in out), 1)
 
 

@@ -167,6 +167,19 @@ def test_masked_loss_charges_uint8(norm_pix):
                           False, pixel_norm, torch.float32, kernels=["_masked_loss_bwd_kernel"])
 
 
+def test_patch_embed_gemm_charges_uint8():
+    from mae_fast.ops.patch_embed import patch_embed_gemm, patch_embed_gemm_backward
+    N, C, H, W, p, D, K, L = 2, 3, 8, 12, 4, 24, 3, 6
+    imgs, pixel_norm = _uint8_case(N, C, H, W)
+    weight, bias = torch.randn(D, C, p, p), torch.randn(D)
+    pos, cls, ids = torch.randn(1, 1 + L, D), torch.randn(1, 1, D), _kept(N, L, K)
+    assert_charge_is_real(patch_embed_gemm, imgs, weight, bias, pos, cls, ids, torch.float32,
+                          pixel_norm, torch.float32, kernels=["_patch_embed_gemm_kernel"])
+    assert_charge_is_real(patch_embed_gemm_backward, torch.randn(N, 1 + K, D), imgs, ids, [D, C, p, p],
+                          torch.float32, torch.float32, torch.float32, torch.float32, pixel_norm,
+                          torch.float32, kernels=["_patch_embed_gemm_bwd_kernel"])
+
+
 def test_uint8_images_save_image_bytes_on_meta():
     """The counted step: a uint8 image moves 1 byte a pixel where an fp32 one moves 4, in the two
     regions that read it (the encoder input's gather, the loss's target), and nothing else."""

@@ -169,6 +169,30 @@ def test_model_uint8_under_autocast_equals_fp32_float_in():
     _same(_run(model, imgs, noise, autocast=True), _run(model, _data_pipeline(imgs), noise, autocast=True))
 
 
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False),
+                                            (torch.float32, True)])
+def test_model_uint8_in_equals_float_in_with_the_gemm_kernel(monkeypatch, dtype, autocast):
+    """MAE_FAST_PATCH_EMBED=gemm: the one-kernel GEMM normalises the uint8 pixels in its prologue
+    (forward and the weight-gradient kernel), bit-identical to the float image."""
+    monkeypatch.setenv("MAE_FAST_PATCH_EMBED", "gemm")
+    calls = []
+    real = pe.patch_embed_gemm
+    monkeypatch.setattr(pe, "patch_embed_gemm", lambda *a: calls.append(a[0].dtype) or real(*a))
+    model = _tiny(8, 16, 24, dtype, input_mean=MEAN, input_std=STD)
+    imgs, noise = _uint8(2, 3, 16, 24), torch.rand(2, 6)
+    _same(_run(model, imgs, noise, autocast), _run(model, _data_pipeline(imgs).to(dtype), noise, autocast))
+    assert calls == [torch.uint8, dtype]
+
+
+def test_opcheck_uint8_gemm(device):
+    N, C, H, W, p, D, K, L = 2, 3, 8, 12, 4, 16, 3, 6
+    imgs, norm = _uint8(N, C, H, W), _pixel_norm()
+    weight, bias = torch.randn(D, C, p, p, requires_grad=True), torch.randn(D, requires_grad=True)
+    pos, cls = torch.randn(1, 1 + L, D), torch.randn(1, 1, D, requires_grad=True)
+    torch.library.opcheck(pe.patch_embed_gemm, (imgs, weight, bias, pos, cls, _kept(N, L, K),
+                                                torch.float32, norm, torch.float32))
+
+
 def test_model_uint8_through_a_hooked_patch_embed():
     """A hooked patch_embed runs the official op order: it sees the normalised float image."""
     model = _tiny(8, 16, 24, input_mean=MEAN, input_std=STD)

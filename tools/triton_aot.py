@@ -66,8 +66,8 @@ def launches():
     the variants real launches compile: the other constexpr branches (no norm_pix_loss), patch
     14 (ViT-H/14: gather, loss forward and backward, the GEMM forward and backward), the
     official ``pred[:, 1:, :]`` slice (not 16-byte aligned at patch 14 in bf16), fp32
-    activations (no autocast), the fp32 GEMM, and uint8 images normalised in the gather and the
-    loss (NCHW / NHWC, fp32 / bf16 normalised pixels, patch 16 / 14)."""
+    activations (no autocast), the fp32 GEMM, and uint8 images normalised in the gather, the
+    loss and the GEMM's prologues (NCHW / NHWC, fp32 / bf16 normalised pixels, patch 16 / 14)."""
     import torch
     from mae_fast.kernels import masked_loss, patch_embed_gemm, patch_gather
 
@@ -165,6 +165,18 @@ def launches():
             imgs_u8, pred14_slice, mask14, 14, True, torch.float32, pixel_norm, torch.float32)),
         ("loss bwd u8 normpix p14 pred[:, 1:] (8-B aligned)", masked_loss, lambda: masked_loss.masked_loss_bwd(
             grad_loss, imgs_u8, pred14_slice, mask14, mask_sum, 14, True, False, pixel_norm, torch.float32)),
+        ("gemm u8 bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
+            imgs_u8, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32,
+            pixel_norm, torch.float32)),
+        ("gemm u8 fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
+            imgs_u8, weight14, bias, pos_embed14, cls_token, ids_keep14, torch.float32, torch.float32,
+            pixel_norm, torch.float32)),
+        ("gemm bwd u8 bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
+            grad_tokens, imgs_u8, ids_keep, weight.shape, torch.bfloat16, torch.float32, torch.float32,
+            torch.float32, pixel_norm, torch.float32)),
+        ("gemm bwd u8 fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
+            grad_tokens14, imgs_u8, ids_keep14, weight14.shape, torch.float32, torch.float32,
+            torch.float32, torch.float32, pixel_norm, torch.float32)),
         ("gemm bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
             imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32)),
         ("gemm fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(

@@ -248,25 +248,35 @@ def _gemm_out_dtype(compute_dtype, pos_embed, cls_token) -> torch.dtype:
 @torch.library.custom_op("mae_fast::patch_embed_gemm", mutates_args=())
 def patch_embed_gemm(imgs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      pos_embed: torch.Tensor, cls_token: torch.Tensor, ids_keep: torch.Tensor,
-                     compute_dtype: torch.dtype) -> torch.Tensor:
+                     compute_dtype: torch.dtype, pixel_norm: Optional[torch.Tensor] = None,
+                     pixel_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """One kernel: gather of kept patches (prologue) -> GEMM with the flattened Conv2d weight
     in ``compute_dtype`` (fp32 accumulation) -> + bias + pos rows, cls row (epilogue).
-    -> tokens (N, 1+K, D)."""
+    -> tokens (N, 1+K, D). uint8 imgs: ``pixel_norm`` (2, C) fp32 and ``pixel_dtype`` (see
+    gather_patches_normalized); the prologue normalises the pixels it loads."""
     p = weight.shape[-1]
     check_ids(ids_keep, (imgs.shape[2] // p) * (imgs.shape[3] // p), "ids_keep")
     out_dtype = _gemm_out_dtype(compute_dtype, pos_embed, cls_token)
     if _triton_runs(imgs.device):
         from ..kernels import patch_embed_gemm as kernels
         return kernels.patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
-                                        compute_dtype, out_dtype)
-    x = F.linear(gather_patches(imgs, ids_keep, p).to(compute_dtype),
+                                        compute_dtype, out_dtype, pixel_norm, pixel_dtype)
+    x = F.linear(_kept_patches(imgs, ids_keep, p, pixel_norm, pixel_dtype).to(compute_dtype),
                  weight.reshape(weight.shape[0], -1).to(compute_dtype),
                  None if bias is None else bias.to(compute_dtype))
     return add_pos_cls(x, pos_embed, cls_token, ids_keep).to(out_dtype)
 
 
+def _kept_patches(imgs, ids_keep, p, pixel_norm, pixel_dtype):
+    """(N, K, C*p*p) kept patches of a float image, or normalised ones of a uint8 image."""
+    if pixel_norm is None:
+        return gather_patches(imgs, ids_keep, p)
+    return gather_patches_normalized(imgs, ids_keep, p, pixel_norm, pixel_dtype)
+
+
 @patch_embed_gemm.register_fake
-def _(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype):
+def _(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype, pixel_norm=None,
+      pixel_dtype=None):
     return imgs.new_empty((imgs.shape[0], 1 + ids_keep.shape[1], weight.shape[0]),
                           dtype=_gemm_out_dtype(compute_dtype, pos_embed, cls_token))
 
@@ -275,7 +285,9 @@ def _(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype):
 def patch_embed_gemm_backward(grad_out: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor,
                               weight_shape: List[int], compute_dtype: torch.dtype,
                               weight_dtype: torch.dtype, bias_dtype: torch.dtype,
-                              cls_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              cls_dtype: torch.dtype, pixel_norm: Optional[torch.Tensor] = None,
+                              pixel_dtype: Optional[torch.dtype] = None
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """patch_embed_gemm's parameter gradients in one op: grad_out (N, 1+K, D) ->
     grad_weight (D, C, p, p) = grad_tokens^T @ patches (the kept patches read straight from
     imgs, not saved), grad_bias (D,) = column sums of grad_tokens, grad_cls (1, 1, D) = batch
@@ -284,10 +296,11 @@ def patch_embed_gemm_backward(grad_out: torch.Tensor, imgs: torch.Tensor, ids_ke
     if _triton_runs(grad_out.device):
         from ..kernels import patch_embed_gemm as kernels
         return kernels.patch_embed_gemm_backward(grad_out, imgs, ids_keep, weight_shape,
-                                                 compute_dtype, weight_dtype, bias_dtype, cls_dtype)
+                                                 compute_dtype, weight_dtype, bias_dtype, cls_dtype,
+                                                 pixel_norm, pixel_dtype)
     D, p = weight_shape[0], weight_shape[-1]
     grad_tokens = grad_out[:, 1:].to(compute_dtype)  # (N, K, D)
-    patches = gather_patches(imgs, ids_keep, p).to(compute_dtype)  # (N, K, C*p*p)
+    patches = _kept_patches(imgs, ids_keep, p, pixel_norm, pixel_dtype).to(compute_dtype)  # (N, K, C*p*p)
     grad_weight = grad_tokens.reshape(-1, D).t() @ patches.reshape(-1, patches.shape[-1])
     grad_bias = grad_tokens.sum((0, 1), dtype=torch.float32)
     grad_cls = grad_out[:, :1].sum(0, keepdim=True, dtype=torch.float32)
@@ -296,15 +309,17 @@ def patch_embed_gemm_backward(grad_out: torch.Tensor, imgs: torch.Tensor, ids_ke
 
 
 @patch_embed_gemm_backward.register_fake
-def _(grad_out, imgs, ids_keep, weight_shape, compute_dtype, weight_dtype, bias_dtype, cls_dtype):
+def _(grad_out, imgs, ids_keep, weight_shape, compute_dtype, weight_dtype, bias_dtype, cls_dtype,
+      pixel_norm=None, pixel_dtype=None):
     D = weight_shape[0]
     return (grad_out.new_empty(tuple(weight_shape), dtype=weight_dtype),
             grad_out.new_empty((D,), dtype=bias_dtype), grad_out.new_empty((1, 1, D), dtype=cls_dtype))
 
 
 def _gemm_setup(ctx, inputs, output):
-    imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype = inputs
-    ctx.save_for_backward(imgs, weight if ctx.needs_input_grad[0] else None, ids_keep)
+    imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype, pixel_norm, pixel_dtype = inputs
+    ctx.save_for_backward(imgs, weight if ctx.needs_input_grad[0] else None, ids_keep, pixel_norm)
+    ctx.pixel_dtype = pixel_dtype  # uint8 imgs (saved as uint8: a quarter of an fp32 image)
     ctx.imgs_meta = (imgs.shape, imgs.dtype, imgs.dim() == 4 and not imgs.is_contiguous()
                      and imgs.is_contiguous(memory_format=torch.channels_last))
     ctx.weight_meta = (list(weight.shape), weight.dtype)
@@ -317,7 +332,7 @@ def _gemm_backward(ctx, grad_out):
     """grad_out (N, 1+K, D). Weight, bias and cls gradients: one op (patch_embed_gemm_backward,
     one Triton kernel). grad_imgs (rare: images seldom require grad): a matmul in the compute
     dtype + scatter_patches; grad_pos (frozen in MAE): the split path's torch code."""
-    imgs, weight, ids_keep = ctx.saved_tensors
+    imgs, weight, ids_keep, pixel_norm = ctx.saved_tensors
     imgs_shape, imgs_dtype, channels_last = ctx.imgs_meta
     weight_shape, weight_dtype = ctx.weight_meta
     bias_dtype, pos_dtype, cls_dtype = ctx.dtypes
@@ -332,12 +347,12 @@ def _gemm_backward(ctx, grad_out):
     if any(ctx.needs_input_grad[i] for i in (1, 2, 4)):
         grad_weight, grad_bias, grad_cls = patch_embed_gemm_backward(
             grad_out, imgs, ids_keep, weight_shape, compute_dtype, weight_dtype,
-            bias_dtype or weight_dtype, cls_dtype)
+            bias_dtype or weight_dtype, cls_dtype, pixel_norm, ctx.pixel_dtype)
     grad_pos, _ = _pos_cls_grads(grad_out, ids_keep, ctx.pos_shape, pos_dtype, cls_dtype,
                                  ctx.needs_input_grad[3], False)
     keep = lambda i, g: g if ctx.needs_input_grad[i] else None  # noqa: E731
     return (grad_imgs, keep(1, grad_weight), keep(2, grad_bias), grad_pos, keep(4, grad_cls),
-            None, None)
+            None, None, None, None)
 
 
 patch_embed_gemm.register_autograd(_gemm_backward, setup_context=_gemm_setup)
@@ -448,14 +463,13 @@ def patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, *, ba
         return reference.patch_embed_masked(float_pixels(imgs, pixel_norm, pixel_dtype), weight,
                                             bias, pos_embed, cls_token, ids_keep)
     p, _ = _check_inputs(imgs, weight, bias, pos_embed, cls_token, ids_keep)
-    # uint8 images take the split path with the normalising gather: the one-kernel GEMM reads
-    # float images only, so MAE_FAST_PATCH_EMBED=gemm runs the split path for them (docs/TRITON.md)
-    if pixel_norm is None and _use_gemm_kernel():
+    if _use_gemm_kernel():
         if imgs.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(imgs.device.type):
             compute_dtype = torch.get_autocast_dtype(imgs.device.type)
         else:
-            compute_dtype = torch.promote_types(imgs.dtype, weight.dtype)
-        return patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype)
+            compute_dtype = torch.promote_types(pixels_dtype, weight.dtype)
+        return patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype,
+                                pixel_norm, pixel_dtype)
     if pixel_norm is None:
         patches = gather_patches(imgs, ids_keep, p)  # (N, K, C*p*p)
     else:
