@@ -61,7 +61,6 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.grad_checkpointing = False  # see set_grad_checkpointing
         self.set_attn_backend(attn_backend)
-        self.register_buffer("pixel_norm", None, persistent=False)  # see set_input_normalization
         self.set_input_normalization(input_mean, input_std)
         self.initialize_weights()
 
@@ -72,7 +71,9 @@ class MaskedAutoencoderViT(nn.Module):
         the uint8 one stands for. The fused path normalises inside the patch gather and the
         loss's target load, so no float image is made; the reference normalises first. Float
         images are unaffected. ``mean``, ``std``: C numbers each (std > 0); both None clears.
-        A non-persistent buffer: not in state_dict, so checkpoints load unchanged."""
+        Kept as ``self.pixel_norm`` (2, C) fp32, a plain tensor attribute that follows the
+        model's device: not a buffer, so not in state_dict (checkpoints load unchanged) and not
+        broadcast by DDP every step (DDP broadcasts buffers; this model has none)."""
         if mean is None and std is None:
             self._pixel_norm_values = None
             self.pixel_norm = None
@@ -93,11 +94,12 @@ class MaskedAutoencoderViT(nn.Module):
                                        device=self.cls_token.device)  # (2, C): mean, std
 
     def _apply(self, fn, *args, **kwargs):
-        """model.to(dtype) / .half() would round the fp32 statistics: rebuild them in fp32."""
+        """``pixel_norm`` follows .to(device) / .cuda() / .to_empty(); rebuilt from the exact
+        values in fp32 (.to(bfloat16) / .half() would round the statistics)."""
         out = super()._apply(fn, *args, **kwargs)
-        if self.pixel_norm is not None and self.pixel_norm.dtype != torch.float32:
+        if self.pixel_norm is not None:
             self.pixel_norm = torch.tensor(self._pixel_norm_values, dtype=torch.float32,
-                                           device=self.pixel_norm.device)
+                                           device=fn(self.pixel_norm).device)
         return out
 
     def normalize_input(self, imgs):

@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from . import lr_sched
 from .data import DataError, ImageFolder, stack
+from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .knn import KnnMonitor
 from .linprobe import compare_with_random_init
 from .recipes import (DEFAULT_MODEL, DEMO_RECIPE, MODELS, OFFICIAL_RECIPE, UsageError,  # noqa: F401
@@ -339,6 +340,9 @@ def _setup_run(args, rank, world_size, device, distributed, resume=None) -> Simp
     # the model: same init on every rank (seed), then per-rank seeds as the official
     torch.manual_seed(args.seed)
     model_without_ddp = build_model(args.model, args.input_size, args.norm_pix_loss, args.backend).to(device)
+    # uint8 batches (pixels 0..255) are normalised inside the kernels with the float pipeline's
+    # statistics (docs/DATA.md); float batches are unaffected, checkpoints unchanged
+    model_without_ddp.set_input_normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     seed_process(args.seed + rank)
     model_without_ddp.set_grad_checkpointing(args.grad_checkpointing)
     amp_dtype, amp_reason = resolve_amp(args.amp, device, width=model_without_ddp.cls_token.shape[-1])

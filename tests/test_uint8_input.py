@@ -208,7 +208,10 @@ def test_set_input_normalization_and_state_dict():
     model = _tiny(8, 16, 24)
     keys = set(model.state_dict())
     model.set_input_normalization(MEAN, STD)
-    assert set(model.state_dict()) == keys  # not persistent: checkpoints load unchanged
+    assert set(model.state_dict()) == keys  # checkpoints load unchanged
+    assert not list(model.buffers())  # no buffer: nothing for DDP to broadcast every step
+    assert torch.equal(model.pixel_norm, _pixel_norm())
+    model.to("meta").to_empty(device="cpu")  # follows the device, values rebuilt exactly
     assert torch.equal(model.pixel_norm, _pixel_norm())
     model.to(torch.bfloat16)  # the statistics stay fp32, exactly
     assert model.pixel_norm.dtype == torch.float32 and torch.equal(model.pixel_norm, _pixel_norm())
