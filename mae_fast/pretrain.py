@@ -392,12 +392,11 @@ def _setup_run(args, rank, world_size, device, distributed, resume=None) -> Simp
             model_without_ddp, contrastive_weight=args.contrastive_weight,
             reconstruction_weight=args.reconstruction_weight, temperature=args.contrastive_temperature,
             view_mask_ratio=args.mask_ratio)
+    # uint8 batches (--input-dtype uint8, pixels 0..255) are normalised inside the kernels with the
+    # float pipeline's statistics (docs/DATA.md); float batches are unaffected, checkpoints unchanged
+    model_without_ddp.set_input_normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     seed_process(args.seed + rank)
     model_without_ddp.set_grad_checkpointing(args.grad_checkpointing)
-    if args.input_dtype == "uint8":  # the model normalises the uint8 batches on the device
-        if not hasattr(model_without_ddp, "set_input_normalization"):
-            raise UsageError("--input-dtype uint8 needs a model with set_input_normalization (not in this build)")
-        model_without_ddp.set_input_normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     amp_dtype, amp_reason = resolve_amp(args.amp, device, width=model_without_ddp.cls_token.shape[-1])
     if amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--amp bf16 but this GPU has no bfloat16; use --amp fp16")

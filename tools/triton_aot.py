@@ -66,7 +66,8 @@ def launches():
     the variants real launches compile: the other constexpr branches (no norm_pix_loss), patch
     14 (ViT-H/14: gather, loss forward and backward, the GEMM forward and backward), the
     official ``pred[:, 1:, :]`` slice (not 16-byte aligned at patch 14 in bf16), fp32
-    activations (no autocast) and the fp32 GEMM."""
+    activations (no autocast), the fp32 GEMM, and uint8 images normalised in the gather, the
+    loss and the GEMM's prologues (NCHW / NHWC, fp32 / bf16 normalised pixels, patch 16 / 14)."""
     import torch
     from mae_fast.kernels import masked_loss, patch_embed_gemm, patch_gather
 
@@ -95,6 +96,10 @@ def launches():
     weight14 = torch.empty(D, C, 14, 14, device=meta)
     pos_embed14 = torch.empty(1, 1 + L14, D, device=meta)
     grad_tokens14 = torch.empty(N, 1 + L14 // 4, D, device=meta)
+    # uint8 images, normalised inside the gather / the loss's target load (issue 15)
+    imgs_u8 = torch.empty(N, C, H, W, dtype=torch.uint8, device=meta)
+    imgs_u8_nhwc = imgs_u8.to(memory_format=torch.channels_last)
+    pixel_norm = torch.empty(2, C, device=meta)  # mean row, std row
 
     calls = [
         ("gather nchw", patch_gather, lambda: patch_gather.gather_patches(imgs, ids_keep, p)),
@@ -141,6 +146,37 @@ def launches():
             imgs, pred14_fp32, mask14, 14, True, torch.float32)),
         ("loss bwd normpix+imgs p14 fp32 pred[:, 1:]", masked_loss, lambda: masked_loss.masked_loss_bwd(
             grad_loss, imgs, pred14_fp32, mask14, mask_sum, 14, True, True)),
+        # uint8 images (fp32 model / autocast: fp32 patches; a bf16 model: bf16 patches)
+        ("gather u8 nchw", patch_gather, lambda: patch_gather.gather_patches_normalized(
+            imgs_u8, ids_keep, p, pixel_norm, torch.float32)),
+        ("gather u8 nhwc bf16", patch_gather, lambda: patch_gather.gather_patches_normalized(
+            imgs_u8_nhwc, ids_keep, p, pixel_norm, torch.bfloat16)),
+        ("gather u8 nchw p14", patch_gather, lambda: patch_gather.gather_patches_normalized(
+            imgs_u8, ids_keep14, 14, pixel_norm, torch.float32)),
+        ("loss fwd u8 normpix", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs_u8, pred, mask, p, True, torch.float32, pixel_norm, torch.float32)),
+        ("loss bwd u8 normpix", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs_u8, pred, mask, mask_sum, p, True, False, pixel_norm, torch.float32)),
+        ("loss fwd u8 pix nhwc", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs_u8_nhwc, pred, mask, p, False, torch.float32, pixel_norm, torch.float32)),
+        ("loss bwd u8 normpix nhwc bf16", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs_u8_nhwc, pred, mask, mask_sum, p, True, False, pixel_norm, torch.bfloat16)),
+        ("loss fwd u8 normpix p14 pred[:, 1:] (8-B aligned)", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs_u8, pred14_slice, mask14, 14, True, torch.float32, pixel_norm, torch.float32)),
+        ("loss bwd u8 normpix p14 pred[:, 1:] (8-B aligned)", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs_u8, pred14_slice, mask14, mask_sum, 14, True, False, pixel_norm, torch.float32)),
+        ("gemm u8 bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
+            imgs_u8, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32,
+            pixel_norm, torch.float32)),
+        ("gemm u8 fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
+            imgs_u8, weight14, bias, pos_embed14, cls_token, ids_keep14, torch.float32, torch.float32,
+            pixel_norm, torch.float32)),
+        ("gemm bwd u8 bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
+            grad_tokens, imgs_u8, ids_keep, weight.shape, torch.bfloat16, torch.float32, torch.float32,
+            torch.float32, pixel_norm, torch.float32)),
+        ("gemm bwd u8 fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
+            grad_tokens14, imgs_u8, ids_keep14, weight14.shape, torch.float32, torch.float32,
+            torch.float32, torch.float32, pixel_norm, torch.float32)),
         ("gemm bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
             imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32)),
         ("gemm fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
