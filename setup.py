@@ -74,6 +74,9 @@ setup(
     extras_require={
         "triton": [f"triton>={TRITON_FLOOR}"],
         "xformers": ["xformers"],
+        # decode + crop with torchvision (the default when it imports; PIL otherwise). torchvision pins an
+        # exact torch: install the one matching yours, or pip may replace your torch
+        "torchvision": ["torchvision"],
         "demo": ["scikit-image", "scikit-learn", "tqdm", "pillow"],
         "test": ["pytest", "pytest-benchmark", "expecttest", "scikit-image", "scikit-learn", "tqdm", "pillow"],
     },

@@ -5,6 +5,7 @@ requires triton; each kernel module imports it and is only loaded where Triton c
                     scatter), positional rows + cls epilogue
   masked_loss       the masked reconstruction loss, target built from the pixels in registers
   patch_embed_gemm  stretch: image -> encoder tokens in one GEMM (MAE_FAST_PATCH_EMBED=gemm)
+  mlp_gemm          opt-in: the MLP's GEMMs with GELU / GELU' / bias-grad epilogues (MAE_FAST_MLP=gemm)
 
 The torch ops around them live in ``mae_fast.ops``; ``tools/triton_aot.py`` AOT-compiles them.
 """

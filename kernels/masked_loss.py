@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .patch_gather import _num_warps, _patch_blocks
+from .patch_gather import _normalize_pixels, _num_warps, _patch_blocks, _round_rtne
 from . import on_tensor_device
 
 
@@ -61,17 +61,27 @@ def _patch_target(
     stride_pn, stride_pl, stride_pd,
     NORM_PIX: tl.constexpr, PIXEL_MAJOR: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
     TILE_0: tl.constexpr, TILE_1: tl.constexpr, TILE_2: tl.constexpr,
+    norm_ptr, NORMALIZE: tl.constexpr, PIXEL_DTYPE: tl.constexpr,
 ):
     """Loads one patch of imgs and pred as fp32 tiles; returns the target, the prediction,
     1/std (1 without norm_pix_loss), the in-patch mask and the element's index in the patch.
-    Nothing is read where ``weight`` (the patch's mask value) is 0."""
+    Nothing is read where ``weight`` (the patch's mask value) is 0. NORMALIZE: imgs are uint8
+    and a pixel is ``(x / 255 - mean[c]) / std[c]`` (norm (2, C) fp32), rounded to PIXEL_DTYPE
+    (the float image's dtype it stands for) as that image's load would see it."""
     inside, img_offs, patch_offs = _tile_offsets(
         n, l, grid_w, stride_in, stride_ic, stride_ih, stride_iw,
         PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2)
     # patches with mask weight 0 read nothing (the splat keeps the interpreter's bool types happy)
     load = inside & ((weight + tl.zeros([TILE_0, TILE_1, TILE_2], tl.float32)) != 0.0)
     pred_offs = n.to(tl.int64) * stride_pn + l * stride_pl + patch_offs * stride_pd
-    pixels = tl.load(imgs_ptr + img_offs, mask=load, other=0.0).to(tl.float32)
+    pixels = tl.load(imgs_ptr + img_offs, mask=load, other=0.0)
+    if NORMALIZE:
+        chan = patch_offs % CHANS  # pred's (p, q, c) order: the channel is the fastest index
+        pixels = _round_rtne(
+            _normalize_pixels(pixels, tl.load(norm_ptr + chan, mask=load, other=0.0),
+                              tl.load(norm_ptr + CHANS + chan, mask=load, other=1.0), load),
+            PIXEL_DTYPE)
+    pixels = pixels.to(tl.float32)
     pred = tl.load(pred_ptr + pred_offs, mask=load, other=0.0).to(tl.float32)
     if NORM_PIX:
         count = CHANS * PATCH * PATCH
@@ -88,12 +98,13 @@ def _patch_target(
 
 @triton.jit
 def _masked_loss_fwd_kernel(
-    imgs_ptr, pred_ptr, mask_ptr, patch_loss_ptr,
+    imgs_ptr, pred_ptr, mask_ptr, patch_loss_ptr, norm_ptr,
     num_patches, grid_w,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_pn, stride_pl, stride_pd,
     NORM_PIX: tl.constexpr, PIXEL_MAJOR: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
     TILE_0: tl.constexpr, TILE_1: tl.constexpr, TILE_2: tl.constexpr,
+    NORMALIZE: tl.constexpr = False, PIXEL_DTYPE: tl.constexpr = tl.float32,
 ):
     pid = tl.program_id(0)  # patch (n, l); mask is contiguous (N, L)
     n = pid // num_patches
@@ -102,7 +113,8 @@ def _masked_loss_fwd_kernel(
     target, pred, inv_std, inside, patch_offs = _patch_target(
         imgs_ptr, pred_ptr, n, l, grid_w, weight,
         stride_in, stride_ic, stride_ih, stride_iw, stride_pn, stride_pl, stride_pd,
-        NORM_PIX, PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2)
+        NORM_PIX, PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2,
+        norm_ptr, NORMALIZE, PIXEL_DTYPE)
     diff = tl.where(inside, pred - target, 0.0)
     sq = _sum3(diff * diff) / (CHANS * PATCH * PATCH)
     tl.store(patch_loss_ptr + pid, tl.where(weight != 0.0, sq * weight, 0.0))
@@ -130,12 +142,14 @@ def _masked_loss_reduce_kernel(
 @triton.jit
 def _masked_loss_bwd_kernel(
     imgs_ptr, pred_ptr, mask_ptr, grad_loss_ptr, mask_sum_ptr, grad_pred_ptr, grad_imgs_ptr,
+    norm_ptr,
     num_patches, grid_w,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_pn, stride_pl, stride_pd,
     stride_gin, stride_gic, stride_gih, stride_giw,
     NORM_PIX: tl.constexpr, PIXEL_MAJOR: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
     TILE_0: tl.constexpr, TILE_1: tl.constexpr, TILE_2: tl.constexpr, GRAD_IMGS: tl.constexpr,
+    NORMALIZE: tl.constexpr = False, PIXEL_DTYPE: tl.constexpr = tl.float32,
 ):
     """grad_pred = grad_loss * mask / sum(mask) * 2 (pred - target) / P; grad_pred is
     contiguous (N, L, P). With GRAD_IMGS, grad_target = -grad_pred goes back through the
@@ -151,7 +165,8 @@ def _masked_loss_bwd_kernel(
     target, pred, inv_std, inside, patch_offs = _patch_target(
         imgs_ptr, pred_ptr, n, l, grid_w, weight,
         stride_in, stride_ic, stride_ih, stride_iw, stride_pn, stride_pl, stride_pd,
-        NORM_PIX, PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2)
+        NORM_PIX, PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2,
+        norm_ptr, NORMALIZE, PIXEL_DTYPE)
     grad_pred = tl.where(inside, scale * (pred - target), 0.0)  # scale is 0 where weight is
     tl.store(grad_pred_ptr + pid.to(tl.int64) * count + patch_offs,
              grad_pred.to(grad_pred_ptr.dtype.element_ty), mask=inside)
@@ -181,7 +196,12 @@ def _pixel_major(imgs) -> bool:
     return imgs.stride(3) == C and (C == 1 or imgs.stride(1) == 1)
 
 
-def _launch_args(imgs, patch_size):
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _launch_args(imgs, patch_size, pixel_dtype=None):
+    """Constexprs of a loss kernel launch; ``pixel_dtype`` given: uint8 imgs standing for a
+    normalised image of that dtype."""
     C = imgs.shape[1]
     block_c, block_p = _patch_blocks(C, patch_size)
     if _pixel_major(imgs):
@@ -189,14 +209,23 @@ def _launch_args(imgs, patch_size):
     else:
         tile = (block_c, block_p, block_p)
     return dict(PIXEL_MAJOR=_pixel_major(imgs), CHANS=C, PATCH=patch_size,
+                NORMALIZE=pixel_dtype is not None, PIXEL_DTYPE=_TL_DTYPE[pixel_dtype or torch.float32],
                 TILE_0=tile[0], TILE_1=tile[1], TILE_2=tile[2],
                 num_warps=_num_warps(tile[0] * tile[1] * tile[2]))
 
 
+def _norm_arg(pixel_norm, unused):
+    """The norm pointer of a launch: pixel_norm contiguous, or any tensor when not normalising
+    (NORMALIZE=False reads nothing through it)."""
+    return unused if pixel_norm is None else pixel_norm.contiguous()
+
+
 @on_tensor_device
-def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss_dtype):
+def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss_dtype,
+                    pixel_norm=None, pixel_dtype=None):
     """imgs (N, C, H, W) any strides; pred (N, L, P) any strides; mask (N, L) ->
-    (loss 0-dim in loss_dtype, mask_sum 0-dim fp32)."""
+    (loss 0-dim in loss_dtype, mask_sum 0-dim fp32). uint8 imgs: pixel_norm (2, C) fp32 (mean,
+    std rows) and pixel_dtype, the normalised image's dtype."""
     N, C, H, W = imgs.shape
     L = pred.shape[1]
     mask = mask.contiguous()
@@ -205,10 +234,10 @@ def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss
     mask_sum = torch.empty((), dtype=torch.float32, device=imgs.device)
     if N * L:
         _masked_loss_fwd_kernel[(N * L,)](
-            imgs, pred, mask, patch_loss,
+            imgs, pred, mask, patch_loss, _norm_arg(pixel_norm, patch_loss),
             L, W // patch_size,
             *imgs.stride(), *pred.stride(),
-            NORM_PIX=norm_pix_loss, **_launch_args(imgs, patch_size))
+            NORM_PIX=norm_pix_loss, **_launch_args(imgs, patch_size, pixel_dtype))
     _masked_loss_reduce_kernel[(1,)](patch_loss, mask, loss, mask_sum, N * L,
                                      BLOCK=_REDUCE_BLOCK, num_warps=4)
     return loss, mask_sum
@@ -216,7 +245,7 @@ def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss
 
 @on_tensor_device
 def masked_loss_bwd(grad_loss, imgs, pred, mask, mask_sum, patch_size: int,
-                    norm_pix_loss: bool, grad_imgs_wanted: bool):
+                    norm_pix_loss: bool, grad_imgs_wanted: bool, pixel_norm=None, pixel_dtype=None):
     """-> (grad_pred (N, L, P) contiguous in pred's dtype, grad_imgs like imgs or None)."""
     N, C, H, W = imgs.shape
     L = pred.shape[1]
@@ -229,9 +258,9 @@ def masked_loss_bwd(grad_loss, imgs, pred, mask, mask_sum, patch_size: int,
     gi_strides = grad_imgs.stride() if grad_imgs_wanted else (0, 0, 0, 0)
     if N * L:
         _masked_loss_bwd_kernel[(N * L,)](
-            imgs, pred, mask, grad_loss, mask_sum, grad_pred, gi,
+            imgs, pred, mask, grad_loss, mask_sum, grad_pred, gi, _norm_arg(pixel_norm, grad_pred),
             L, W // patch_size,
             *imgs.stride(), *pred.stride(), *gi_strides,
             NORM_PIX=norm_pix_loss, GRAD_IMGS=grad_imgs_wanted,
-            **_launch_args(imgs, patch_size))
+            **_launch_args(imgs, patch_size, pixel_dtype))
     return grad_pred, grad_imgs

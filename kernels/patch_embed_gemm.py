@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 import torch
 from . import on_tensor_device
-from .patch_gather import _patch_index, pos_cls_rows
+from .patch_gather import _normalize_pixels, _patch_index, _round_rtne, pos_cls_rows
 
 
 @triton.jit
@@ -47,8 +47,22 @@ def _token_rows(rows, row_ok, num_keep, ids_keep_ptr, stride_kn, stride_kk, grid
 
 
 @triton.jit
+def _pixel_tile(imgs_ptr, offs, ok, c, c_ok, norm_ptr, CHANS: tl.constexpr,
+                NORMALIZE: tl.constexpr, PIXEL_DTYPE: tl.constexpr):
+    """A tile of image pixels at ``offs`` (channel ``c`` of each column, [BLOCK_K] / [BLOCK_E]),
+    0 where not ``ok``. NORMALIZE: uint8 pixels -> ``(x / 255 - mean[c]) / std[c]`` in fp32,
+    rounded to PIXEL_DTYPE: the values the float image would hold (norm (2, C) fp32)."""
+    a = tl.load(imgs_ptr + offs, mask=ok, other=0.0)
+    if NORMALIZE:
+        mean = tl.load(norm_ptr + c, mask=c_ok, other=0.0)
+        std = tl.load(norm_ptr + CHANS + c, mask=c_ok, other=1.0)
+        a = _round_rtne(_normalize_pixels(a, mean[None, :], std[None, :], ok), PIXEL_DTYPE)
+    return a
+
+
+@triton.jit
 def _patch_embed_gemm_kernel(
-    imgs_ptr, ids_keep_ptr, w_ptr, bias_ptr, pos_ptr, cls_ptr, out_ptr,
+    imgs_ptr, ids_keep_ptr, w_ptr, bias_ptr, pos_ptr, cls_ptr, out_ptr, norm_ptr,
     num_rows, num_keep, grid_w, num_patches, dim,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_kn, stride_kk,
@@ -56,6 +70,7 @@ def _patch_embed_gemm_kernel(
     CHANS: tl.constexpr, PATCH: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EMULATE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORMALIZE: tl.constexpr = False, PIXEL_DTYPE: tl.constexpr = tl.float32,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -75,8 +90,8 @@ def _patch_embed_gemm_kernel(
         i = (e // PATCH) % PATCH
         j = e % PATCH
         a_offs = c * stride_ic + i * stride_ih + j * stride_iw
-        a = tl.load(imgs_ptr + a_base[:, None] + a_offs[None, :],
-                    mask=gather[:, None] & e_ok[None, :], other=0.0)
+        a = _pixel_tile(imgs_ptr, a_base[:, None] + a_offs[None, :], gather[:, None] & e_ok[None, :],
+                        c, e_ok, norm_ptr, CHANS, NORMALIZE, PIXEL_DTYPE)
         b = tl.load(w_ptr + cols[None, :] * stride_wd + e[:, None],
                     mask=e_ok[:, None] & col_ok[None, :], other=0.0)  # W^T tile [BLOCK_K, BLOCK_N]
         if EMULATE_DOT:  # the interpreter's tl.dot cannot take bf16 (numpy sees uint16)
@@ -135,9 +150,11 @@ def forward_tiles(compute_dtype: torch.dtype, dim: int):
 
 @on_tensor_device
 def patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
-                     compute_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+                     compute_dtype: torch.dtype, out_dtype: torch.dtype,
+                     pixel_norm=None, pixel_dtype=None) -> torch.Tensor:
     """imgs (N, C, H, W); weight (D, C, p, p); bias (D,) or None; pos_embed (1, 1+L, D);
-    cls_token (1, 1, D); ids_keep (N, K) -> tokens (N, 1+K, D) in out_dtype."""
+    cls_token (1, 1, D); ids_keep (N, K) -> tokens (N, 1+K, D) in out_dtype. uint8 imgs:
+    pixel_norm (2, C) fp32 (mean, std rows) and pixel_dtype, normalised in the prologue."""
     N, C, H, W = imgs.shape
     D, p = weight.shape[0], weight.shape[-1]
     K = ids_keep.shape[1]
@@ -153,6 +170,7 @@ def patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(D, block_n))
     _patch_embed_gemm_kernel[grid](
         imgs, ids_keep, w2d, bias if bias is not None else cls, pos, cls, out,
+        pixel_norm.contiguous() if pixel_norm is not None else cls,  # unused unless NORMALIZE
         num_rows, K, W // p, (H // p) * (W // p), D,
         *imgs.stride(), *ids_keep.stride(),
         w2d.stride(0), pos.stride(0), bias.stride(0) if bias is not None else 1,
@@ -162,14 +180,18 @@ def patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
         # round the tiles to the compute dtype and multiply exactly in fp32 instead
         EMULATE_DOT=imgs.device.type == "cpu" and compute_dtype != torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=num_stages, **_normalize_args(pixel_dtype),
     )
     return out
 
 
+def _normalize_args(pixel_dtype):
+    return dict(NORMALIZE=pixel_dtype is not None, PIXEL_DTYPE=_TL_DTYPE[pixel_dtype or torch.float32])
+
+
 @triton.jit
 def _patch_embed_gemm_bwd_kernel(
-    grad_out_ptr, imgs_ptr, ids_keep_ptr, grad_w_ptr, grad_bias_ptr, grad_cls_ptr,
+    grad_out_ptr, imgs_ptr, ids_keep_ptr, grad_w_ptr, grad_bias_ptr, grad_cls_ptr, norm_ptr,
     num_rows, num_keep, grid_w, num_patches, dim,
     stride_gn, stride_gt, stride_gd,
     stride_in, stride_ic, stride_ih, stride_iw,
@@ -177,6 +199,7 @@ def _patch_embed_gemm_bwd_kernel(
     CHANS: tl.constexpr, PATCH: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EMULATE_DOT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    NORMALIZE: tl.constexpr = False, PIXEL_DTYPE: tl.constexpr = tl.float32,
 ):
     """The forward's gradients in one kernel, grid (cdiv(D, BLOCK_D), cdiv(C*p*p, BLOCK_E)).
     Program (d, e) owns the grad_weight tile [BLOCK_D, BLOCK_E] and walks every token row of
@@ -208,8 +231,9 @@ def _patch_embed_gemm_bwd_kernel(
         n, t, is_patch, gather, _, a_base = _token_rows(
             rows, row_ok, num_keep, ids_keep_ptr, stride_kn, stride_kk, grid_w, num_patches,
             stride_in, stride_ih, stride_iw, PATCH)
-        a = tl.load(imgs_ptr + a_base[:, None] + a_offs[None, :],
-                    mask=is_patch[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_E]
+        a = _pixel_tile(imgs_ptr, a_base[:, None] + a_offs[None, :], is_patch[:, None] & e_ok[None, :],
+                        e // (PATCH * PATCH), e_ok, norm_ptr, CHANS, NORMALIZE,
+                        PIXEL_DTYPE)  # [BLOCK_M, BLOCK_E]
         g = tl.load(grad_out_ptr + (n.to(tl.int64) * stride_gn + t * stride_gt)[:, None]
                     + d[None, :] * stride_gd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
@@ -238,7 +262,7 @@ def _patch_embed_gemm_bwd_kernel(
 @on_tensor_device
 def patch_embed_gemm_backward(grad_out, imgs, ids_keep, weight_shape, compute_dtype: torch.dtype,
                               weight_dtype: torch.dtype, bias_dtype: torch.dtype,
-                              cls_dtype: torch.dtype):
+                              cls_dtype: torch.dtype, pixel_norm=None, pixel_dtype=None):
     """grad_out (N, 1+K, D) any strides; imgs (N, C, H, W) any strides; ids_keep (N, K) ->
     grad_weight (D, C, p, p) in weight_dtype, grad_bias (D,) in bias_dtype, grad_cls (1, 1, D)
     in cls_dtype, all from one kernel."""
@@ -254,11 +278,13 @@ def patch_embed_gemm_backward(grad_out, imgs, ids_keep, weight_shape, compute_dt
     grid = (triton.cdiv(D, block_d), triton.cdiv(C * p * p, block_e))
     _patch_embed_gemm_bwd_kernel[grid](
         grad_out, imgs, ids_keep, grad_weight, grad_bias, grad_cls,
+        pixel_norm.contiguous() if pixel_norm is not None else grad_cls,  # unused unless NORMALIZE
         N * (1 + K), K, W // p, (H // p) * (W // p), D,
         *grad_out.stride(), *imgs.stride(), *ids_keep.stride(),
         CHANS=C, PATCH=p,
         DOT_DTYPE=_TL_DTYPE[compute_dtype], IEEE=compute_dtype == torch.float32,
         EMULATE_DOT=imgs.device.type == "cpu" and compute_dtype != torch.float32,
         BLOCK_D=block_d, BLOCK_E=block_e, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages,
+        **_normalize_args(pixel_dtype),
     )
     return grad_weight, grad_bias, grad_cls

@@ -35,19 +35,47 @@ def _patch_index(raw, num_patches):
 
 
 @triton.jit
+def _normalize_pixels(raw, mean, std, ok):
+    """uint8 pixels -> fp32 ``(raw / 255 - mean) / std`` (mean, std: fp32, broadcast to raw's
+    shape), lanes not ``ok`` -> 0. Both divisions IEEE-rounded (``div_rn``: a plain ``/`` may
+    lower to an approximate division on GPU), the same fp32 ops in the same order as
+    ToTensor + Normalize on CPU (``mae_fast.reference.normalize_pixels``), so the values are
+    bit-identical to a normalised float image's."""
+    val = tl.div_rn(tl.div_rn(raw.to(tl.float32), 255.0) - mean, std)
+    return tl.where(ok, val, 0.0)
+
+
+@triton.jit
+def _round_rtne(x, DTYPE: tl.constexpr):
+    """finite fp32 x -> DTYPE, rounded to nearest even, as torch's ``.to(dtype)``. bf16 is
+    rounded with integer ops (add 0x7FFF + the kept lowest bit, drop 16 bits): the same result
+    as a GPU's ``cvt.rn.bf16.f32``, and the interpreter's fp32 -> bf16 cast, which truncates
+    (triton 3.8), is not used. fp16: the plain cast (round to nearest even on both)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif DTYPE != tl.float32:
+        x = x.to(DTYPE)
+    return x
+
+
+@triton.jit
 def _patch_copy_kernel(
-    imgs_ptr, ids_keep_ptr, patches_ptr,
+    imgs_ptr, ids_keep_ptr, patches_ptr, norm_ptr,
     num_keep, grid_w, num_patches,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_kn, stride_kk,
     CHANS: tl.constexpr, PATCH: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    TO_PATCHES: tl.constexpr,
+    TO_PATCHES: tl.constexpr, NORMALIZE: tl.constexpr = False,
 ):
     """One program per kept patch ``(n, k)``. TO_PATCHES: imgs -> patches (N, K, C*p*p)
     (forward gather); else patches -> imgs (backward scatter; kept patches are distinct, so
     every pixel is written by at most one program: plain stores, no atomics). An index outside
-    [0, num_patches) is no patch: the gather writes zeros, the scatter writes nothing."""
+    [0, num_patches) is no patch: the gather writes zeros, the scatter writes nothing.
+    NORMALIZE (gather only): imgs are uint8, norm (2, C) fp32 holds the mean and std rows, and
+    each pixel is stored as ``(x / 255 - mean[c]) / std[c]`` rounded once to patches' dtype."""
     pid = tl.program_id(0)
     n = pid // num_keep
     k = pid % num_keep
@@ -66,7 +94,13 @@ def _patch_copy_kernel(
     patch_offs = pid.to(tl.int64) * (CHANS * PATCH * PATCH) + (c * PATCH + i) * PATCH + j
     if TO_PATCHES:
         vals = tl.load(imgs_ptr + img_offs, mask=inside & id_ok, other=0.0)
-        tl.store(patches_ptr + patch_offs, vals, mask=inside)
+        if NORMALIZE:
+            in_chans = c < CHANS  # [BLOCK_C, 1, 1]: one mean / std per channel
+            vals = _round_rtne(
+                _normalize_pixels(vals, tl.load(norm_ptr + c, mask=in_chans, other=0.0),
+                                  tl.load(norm_ptr + CHANS + c, mask=in_chans, other=1.0),
+                                  inside & id_ok), patches_ptr.dtype.element_ty)
+        tl.store(patches_ptr + patch_offs, vals.to(patches_ptr.dtype.element_ty), mask=inside)
     else:
         vals = tl.load(patches_ptr + patch_offs, mask=inside)
         tl.store(imgs_ptr + img_offs, vals, mask=inside & id_ok)
@@ -110,18 +144,20 @@ def _num_warps(elems: int) -> int:
     return 1 if elems <= 128 else 2 if elems <= 256 else 4 if elems <= 2048 else 8
 
 
-def _patch_copy(imgs, ids_keep, patches, patch_size: int, to_patches: bool):
+def _patch_copy(imgs, ids_keep, patches, patch_size: int, to_patches: bool, pixel_norm=None):
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
     if N * K == 0:
         return
     block_c, block_p = _patch_blocks(C, patch_size)
+    normalize = pixel_norm is not None
     _patch_copy_kernel[(N * K,)](
-        imgs, ids_keep, patches,
+        imgs, ids_keep, patches, pixel_norm if normalize else patches,  # unused unless NORMALIZE
         K, W // patch_size, (H // patch_size) * (W // patch_size),
         *imgs.stride(), *ids_keep.stride(),
         CHANS=C, PATCH=patch_size, BLOCK_C=block_c, BLOCK_P=block_p,
-        TO_PATCHES=to_patches, num_warps=_num_warps(block_c * block_p * block_p),
+        TO_PATCHES=to_patches, NORMALIZE=normalize,
+        num_warps=_num_warps(block_c * block_p * block_p),
     )
 
 
@@ -131,6 +167,18 @@ def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) 
     N, C = imgs.shape[:2]
     patches = imgs.new_empty((N, ids_keep.shape[1], C * patch_size * patch_size))
     _patch_copy(imgs, ids_keep, patches, patch_size, to_patches=True)
+    return patches
+
+
+@on_tensor_device
+def gather_patches_normalized(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
+                              pixel_norm: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """uint8 imgs (N, C, H, W) any strides; ids_keep (N, K) int; pixel_norm (2, C) fp32 (mean,
+    std rows) -> normalised patches (N, K, C*p*p) in out_dtype, (c, p, q) order."""
+    N, C = imgs.shape[:2]
+    patches = imgs.new_empty((N, ids_keep.shape[1], C * patch_size * patch_size), dtype=out_dtype)
+    _patch_copy(imgs, ids_keep, patches, patch_size, to_patches=True,
+                pixel_norm=pixel_norm.contiguous())
     return patches
 
 

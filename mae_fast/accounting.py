@@ -365,6 +365,20 @@ def _charge_gather_patches(counter, args, kwargs, out):
     return Charge(tensor_bytes(ids_keep) + tensor_bytes(out), tensor_bytes(out), 1)
 
 
+def _charge_gather_patches_normalized(counter, args, kwargs, out):
+    imgs, ids_keep, p, pixel_norm = args[:4]
+    N, K = ids_keep.shape
+    # _patch_copy_kernel (NORMALIZE), one program per kept patch: ids_keep[n, k], its C*p*p
+    # uint8 pixels and the (2, C) fp32 mean/std -> normalised patches (the kept pixels only)
+    read = tensor_bytes(ids_keep) + N * K * imgs.shape[1] * p * p * _el(imgs) + tensor_bytes(pixel_norm)
+    return Charge(read, tensor_bytes(out), 1)
+
+
+def _pixel_norm_arg(args, kwargs, index):
+    """The optional pixel_norm argument of the loss ops (uint8 images), or None."""
+    return args[index] if len(args) > index else kwargs.get("pixel_norm")
+
+
 def _charge_scatter_patches(counter, args, kwargs, out):
     grad_patches, ids_keep = args[:2]
     zero_fill = Charge(0, tensor_bytes(out), 1)  # grad_imgs.zero_()
@@ -396,9 +410,10 @@ def _charge_patch_embed_gemm(counter, args, kwargs, out):
     K = ids_keep.shape[1]
     L = (H // p) * (W // p)
     pos_rows = 1 + _distinct_rows(ids_keep, L)
+    pixel_norm = _pixel_norm_arg(args, kwargs, 7)  # uint8 imgs: the (2, C) mean/std too
     read = (tensor_bytes(ids_keep) + N * K * C * p * p * _el(imgs) + tensor_bytes(weight)
             + (tensor_bytes(bias) if bias is not None else 0) + pos_rows * D * _el(pos_embed)
-            + D * _el(cls_token))
+            + D * _el(cls_token) + (tensor_bytes(pixel_norm) if pixel_norm is not None else 0))
     return Charge(read, tensor_bytes(out), 1)
 
 
@@ -407,7 +422,9 @@ def _charge_patch_embed_gemm_backward(counter, args, kwargs, out):
     C = imgs.shape[1]
     p = weight_shape[-1]
     N, K = ids_keep.shape
-    read = tensor_bytes(grad_out) + tensor_bytes(ids_keep) + N * K * C * p * p * _el(imgs)
+    pixel_norm = _pixel_norm_arg(args, kwargs, 8)
+    read = (tensor_bytes(grad_out) + tensor_bytes(ids_keep) + N * K * C * p * p * _el(imgs)
+            + (tensor_bytes(pixel_norm) if pixel_norm is not None else 0))
     return Charge(read, sum(tensor_bytes(t) for t in out), 1)
 
 
@@ -418,7 +435,10 @@ def _charge_masked_loss(counter, args, kwargs, out):
     removed = _removed(counter, mask)
     patch_loss = N * L * 4  # the fp32 per-patch workspace
     # kernel 1: mask, and imgs + pred of removed patches only -> patch_loss
-    fwd = Charge(tensor_bytes(mask) + removed * P * (_el(imgs) + _el(pred)), patch_loss, 1)
+    # (uint8 images: 1 byte a pixel, plus the (2, C) mean/std when any patch is read)
+    pixel_norm = _pixel_norm_arg(args, kwargs, 5)
+    stats = tensor_bytes(pixel_norm) if pixel_norm is not None and removed else 0
+    fwd = Charge(tensor_bytes(mask) + removed * P * (_el(imgs) + _el(pred)) + stats, patch_loss, 1)
     # kernel 2 (one program): patch_loss + mask -> loss, mask_sum
     reduce = Charge(patch_loss + tensor_bytes(mask), tensor_bytes(loss) + tensor_bytes(mask_sum), 1)
     return fwd + reduce
@@ -429,8 +449,10 @@ def _charge_masked_loss_backward(counter, args, kwargs, out):
     grad_pred, grad_imgs = out
     N, L, P = pred.shape
     removed = _removed(counter, mask)
+    pixel_norm = _pixel_norm_arg(args, kwargs, 8)
+    stats = tensor_bytes(pixel_norm) if pixel_norm is not None and removed else 0
     read = (tensor_bytes(mask) + tensor_bytes(grad_loss) + tensor_bytes(mask_sum)
-            + removed * P * (_el(imgs) + _el(pred)))
+            + removed * P * (_el(imgs) + _el(pred)) + stats)
     # grad_pred is written for every patch (zeros where kept); grad_imgs for every whole patch
     written = tensor_bytes(grad_pred) + (N * L * P * _el(imgs) if grad_imgs_wanted else 0)
     return Charge(read, written, 1)
@@ -493,8 +515,35 @@ def _charge_add_layer_norm_backward(counter, args, kwargs, out):
     return rows + reduce
 
 
+def _charge_mlp_fc1_gelu(counter, args, kwargs, out):
+    x, weight, bias = args[:3]
+    # _mlp_gemm_kernel (forward epilogue): x, W1, b1 -> pre and act, both stored
+    read = tensor_bytes(x) + tensor_bytes(weight) + (tensor_bytes(bias) if bias is not None else 0)
+    return Charge(read, sum(tensor_bytes(t) for t in out), 1)
+
+
+def _charge_mlp_fc2(counter, args, kwargs, out):
+    act, pre, weight, bias = args[:4]
+    # the body is F.linear(act, W2, b2): one aten::addmm (pre is only saved for backward)
+    read = tensor_bytes(act) + tensor_bytes(weight) + (tensor_bytes(bias) if bias is not None else 0)
+    return Charge(read, tensor_bytes(out), 1)
+
+
+def _charge_mlp_fc2_gelu_grad(counter, args, kwargs, out):
+    grad_y, weight, pre = args[:3]
+    # _mlp_gemm_kernel (GELU' epilogue): dy, W2 and the saved pre -> d(pre)
+    return Charge(tensor_bytes(grad_y) + tensor_bytes(weight) + tensor_bytes(pre), tensor_bytes(out), 1)
+
+
+def _charge_linear_weight_grad(counter, args, kwargs, out):
+    grad_out, inp = args[:2]
+    # _linear_wgrad_kernel: G and X once -> dW and db
+    return Charge(tensor_bytes(grad_out) + tensor_bytes(inp), sum(tensor_bytes(t) for t in out), 1)
+
+
 KERNEL_CHARGES: Dict[str, Callable[..., Charge]] = {
     "mae_fast::gather_patches": _charge_gather_patches,
+    "mae_fast::gather_patches_normalized": _charge_gather_patches_normalized,
     "mae_fast::scatter_patches": _charge_scatter_patches,
     "mae_fast::add_pos_cls": _charge_add_pos_cls,
     "mae_fast::add_pos_cls_backward": _charge_add_pos_cls_backward,
@@ -507,6 +556,10 @@ KERNEL_CHARGES: Dict[str, Callable[..., Charge]] = {
     "mae_fast::unshuffle_scatter_backward": _charge_unshuffle_scatter_backward,
     "mae_fast::add_layer_norm": _charge_add_layer_norm,
     "mae_fast::add_layer_norm_backward": _charge_add_layer_norm_backward,
+    "mae_fast::mlp_fc1_gelu": _charge_mlp_fc1_gelu,
+    "mae_fast::mlp_fc2": _charge_mlp_fc2,
+    "mae_fast::mlp_fc2_gelu_grad": _charge_mlp_fc2_gelu_grad,
+    "mae_fast::linear_weight_grad": _charge_linear_weight_grad,
 }
 
 
@@ -533,6 +586,35 @@ def _register_flop_formulas() -> None:
 
 
 _register_flop_formulas()
+
+
+def _register_mlp_flop_formulas() -> None:
+    """The opt-in MLP GEMMs (mae_fast.ops.mlp): 2 M N K each, as aten's mm / addmm formulas."""
+    from torch.utils.flop_counter import register_flop_formula
+    from .ops import mlp  # noqa: F401  (defines the ops)
+
+    @register_flop_formula(torch.ops.mae_fast.mlp_fc1_gelu)
+    def _fc1(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        """pre (M, N) = x (M, K) @ W1^T (K, N)."""
+        return 2 * x_shape[0] * weight_shape[0] * weight_shape[1]
+
+    @register_flop_formula(torch.ops.mae_fast.mlp_fc2)
+    def _fc2(act_shape, pre_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        """y (M, C) = act (M, H) @ W2^T (H, C)."""
+        return 2 * act_shape[0] * weight_shape[0] * weight_shape[1]
+
+    @register_flop_formula(torch.ops.mae_fast.mlp_fc2_gelu_grad)
+    def _fc2_gelu_grad(grad_y_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        """d(act) (M, H) = dy (M, C) @ W2 (C, H)."""
+        return 2 * grad_y_shape[0] * weight_shape[0] * weight_shape[1]
+
+    @register_flop_formula(torch.ops.mae_fast.linear_weight_grad)
+    def _linear_weight_grad(grad_out_shape, inp_shape, *args, out_shape=None, **kwargs) -> int:
+        """dW (N, K) = G^T (N, M) @ X (M, K)."""
+        return 2 * grad_out_shape[0] * grad_out_shape[1] * inp_shape[1]
+
+
+_register_mlp_flop_formulas()
 
 
 # ---- attention: the flash kernel as one charge, everything around it op by op ---------------
@@ -848,12 +930,19 @@ def _model_dtype(precision_or_dtype) -> Tuple[torch.dtype, str]:
 
 
 def count_step(mae, batch: int, mask_ratio: float = 0.75, keep_log: bool = True,
-               optimizer: str = "none", precision: str = "bf16") -> TrafficCounter:
+               optimizer: str = "none", precision: str = "bf16",
+               uint8_images: bool = False) -> TrafficCounter:
     """Forward + backward (+ an AdamW step unless ``optimizer="none"``) of ``mae`` (on meta)
     for one batch; ``precision="amp-bf16"`` runs the forward under (meta) bf16 autocast (build
-    the model in fp32 for it). Returns the counter."""
+    the model in fp32 for it). ``uint8_images``: the batch is uint8 pixels, normalised inside
+    the kernels (ImageNet mean/std set on the model if it has none). Returns the counter."""
     H, W = mae.patch_embed.img_size
     img_dtype = torch.float32 if precision == "amp-bf16" else mae.cls_token.dtype
+    if uint8_images:
+        img_dtype = torch.uint8
+        if mae.pixel_norm is None:
+            from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+            mae.set_input_normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     imgs = torch.empty(batch, mae.in_chans, H, W, device="meta", dtype=img_dtype)
     counter = TrafficCounter(keep_log=keep_log, removed_fraction=mask_ratio, ignore_host=True)
     with instrument_mae(counter):
@@ -936,6 +1025,10 @@ H100 = Roofline()
 _GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution",
          "aten::convolution_backward", "mae_fast::patch_embed_gemm")
 
+# the opt-in MLP GEMMs (MAE_FAST_MLP=gemm), epilogues included
+MLP_GEMM_OPS = ("mae_fast::mlp_fc1_gelu", "mae_fast::mlp_fc2", "mae_fast::mlp_fc2_gelu_grad",
+                "mae_fast::linear_weight_grad")
+
 
 def op_kind(r: OpRecord) -> str:
     op = r.op
@@ -943,7 +1036,7 @@ def op_kind(r: OpRecord) -> str:
         return "optimizer"
     if "flash" in op:
         return "attention kernel"
-    if op.startswith(_GEMM) or op == "mae_fast::patch_embed_gemm_backward":
+    if op.startswith(_GEMM) or op in ("mae_fast::patch_embed_gemm_backward", *MLP_GEMM_OPS):
         return "GEMM"
     if op.startswith("mae_fast::add_layer_norm"):  # the fused residual add + LayerNorm
         return "LayerNorm"
@@ -1016,6 +1109,39 @@ def _gib(b: int) -> str:
 
 def _arch_name(arch) -> str:
     return arch if isinstance(arch, str) else getattr(arch, "__name__", "custom")
+
+
+def uint8_image_bytes(arch, batch: int = 256, precision: str = "amp-bf16", fast_backend: str = "fast",
+                      mask_ratio: float = 0.75) -> Dict[str, Dict[str, int]]:
+    """Counted bytes (forward + backward, on meta) of the regions that read the image, mae_fast's
+    fused path: {"float" | "uint8": {"encoder input": B, "loss": B}}. "float" is the image the
+    step takes today (fp32 under amp-bf16, else the model's dtype), "uint8" the same pixels as
+    uint8 with the normalisation fused into the kernels' reads."""
+    model_dtype, _ = _model_dtype(precision)
+    out = {}
+    for name, uint8 in (("float", False), ("uint8", True)):
+        mae = build_meta_model(arch, fast_backend, model_dtype)
+        counter = count_step(mae, batch, mask_ratio, keep_log=False, precision=precision,
+                             uint8_images=uint8)
+        out[name] = {region: counter.total(regions=(region,)).bytes
+                     for region in ("encoder input", "loss")}
+    return out
+
+
+def uint8_image_table(arch, batch: int = 256, precision: str = "amp-bf16", fast_backend: str = "fast",
+                      mask_ratio: float = 0.75) -> str:
+    counts = uint8_image_bytes(arch, batch, precision, fast_backend, mask_ratio)
+    f, u = counts["float"], counts["uint8"]
+    img = "fp32" if precision == "amp-bf16" else precision
+    lines = [f"#### {_arch_name(arch)}, batch {batch}, {precision}: counted bytes (MiB) of the regions "
+             f"that read the image, forward + backward, {img} vs uint8 images",
+             "", f"| region | {img} images | uint8 images | saved |", "|---|---|---|---|"]
+    for region in ("encoder input", "loss"):
+        lines.append(f"| {region} | {f[region] / 2**20:.1f} | {u[region] / 2**20:.1f} "
+                     f"| {(f[region] - u[region]) / 2**20:.1f} |")
+    tf, tu = sum(f.values()), sum(u.values())
+    lines.append(f"| both | {tf / 2**20:.1f} | {tu / 2**20:.1f} | {(tf - tu) / 2**20:.1f} |")
+    return "\n".join(lines)
 
 
 def table(arch, batch: int, dtype_name: str, fast_backend: str = "fast",
@@ -1236,10 +1362,24 @@ def main(argv=None) -> int:
                     help="the three contenders (needs transformers) with the roofline estimate")
     ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
                     help="for --roofline: pure bf16 and/or bf16 autocast with fp32 master weights")
+    ap.add_argument("--uint8-images", action="store_true",
+                    help="compare the image-reading regions' bytes for float vs uint8 images "
+                         "(per --precision)")
     ap.add_argument("--top-ops", type=int, default=0, metavar="N",
                     help="for --roofline: also list mae_fast's N most expensive (phase, op) groups")
+    ap.add_argument("--mlp", choices=("plain", "gemm"), default=None,
+                    help="mae_fast's MLP: the default cuBLAS nn.Linear + nn.GELU(), or the opt-in Triton "
+                         "GEMM epilogues (sets MAE_FAST_MLP; default: as the environment says)")
     args = ap.parse_args(argv)
+    if args.mlp is not None:
+        import os
+        os.environ["MAE_FAST_MLP"] = args.mlp
     for arch in args.models:
+        if args.uint8_images:
+            for precision in args.precision:
+                print(uint8_image_table(arch, args.batch, precision, args.fast_backend, args.mask_ratio))
+                print()
+            continue
         if args.roofline:
             for precision in args.precision:
                 print(roofline_table(arch, args.batch, precision, args.fast_backend, args.mask_ratio,

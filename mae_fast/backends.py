@@ -123,7 +123,7 @@ def choose(op: str, device, backend: str = "auto") -> Choice:
     # their index, a bare "cuda" asks about the current GPU). Env switches that change the
     # answer are part of the cache key too.
     key = (op, device.type, device.index, backend, os.environ.get("TRITON_INTERPRET"),
-           os.environ.get("MAE_FAST_ATTN"))
+           os.environ.get("MAE_FAST_ATTN"), os.environ.get("MAE_FAST_MLP"))
     choice = _CACHE.get(key)
     if choice is None:
         choice = _CACHE[key] = _choose_uncached(op, device, backend)

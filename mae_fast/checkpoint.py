@@ -25,6 +25,7 @@ import torch
 from .pos_embed import interpolate_pos_embed
 
 _POS_KEYS = ("pos_embed", "decoder_pos_embed")
+CONTRASTIVE_HEAD_PREFIX = "contrastive_head."  # mae_fast.ContrastiveMAE's projector
 # The only non-tensor class a trusted checkpoint may contain: official main_pretrain.py saves
 # ``args`` as an argparse.Namespace (a plain attribute bag: building one runs no code).
 CHECKPOINT_SAFE_GLOBALS = (argparse.Namespace,)
@@ -334,6 +335,9 @@ class LoadReport:
     missing_keys: List[str] = field(default_factory=list)
     unexpected_keys: List[str] = field(default_factory=list)
     interpolated: List[str] = field(default_factory=list)
+    # keys of a mae_fast.ContrastiveMAE's projector (contrastive_head.*) that a model without one
+    # does not load: not MAE weights, so left out on purpose (not in unexpected_keys)
+    ignored_keys: List[str] = field(default_factory=list)
 
     @property
     def encoder_only(self) -> bool:
@@ -348,7 +352,10 @@ def load_official_checkpoint(model, path_or_state_dict, *, strict_decoder: bool 
     * an encoder-only checkpoint (e.g. a fine-tuning release) raises unless
       ``strict_decoder=False``, which loads the encoder, warns, and reports the missing
       decoder keys: a decoder left at random init is never used silently;
-    * shape mismatches raise with the file and the key named.
+    * shape mismatches raise with the file and the key named;
+    * the projector of a contrastive MAE (``contrastive_head.*``, ``mae_fast.ContrastiveMAE``) is
+      ignored by a model that has none and listed in ``report.ignored_keys``; a ContrastiveMAE
+      loading official weights keeps its projector's init (listed in ``report.missing_keys``).
     """
     where = "checkpoint"
     if isinstance(path_or_state_dict, (str, os.PathLike)):
@@ -356,6 +363,9 @@ def load_official_checkpoint(model, path_or_state_dict, *, strict_decoder: bool 
     sd = dict(read_state_dict(path_or_state_dict))
     report = LoadReport()
     own = model.state_dict()
+    report.ignored_keys = sorted(k for k in sd if k.startswith(CONTRASTIVE_HEAD_PREFIX) and k not in own)
+    for k in report.ignored_keys:
+        del sd[k]
     for k in _POS_KEYS:
         if k in sd and k in own and sd[k].shape != own[k].shape:
             sd[k] = interpolate_pos_embed(sd[k], model.patch_embed.grid_size)
@@ -365,13 +375,15 @@ def load_official_checkpoint(model, path_or_state_dict, *, strict_decoder: bool 
             raise ValueError(f"{where} {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
     report.missing_keys = sorted(k for k in own if k not in sd)
     report.unexpected_keys = sorted(k for k in sd if k not in own)
-    encoder_missing = [k for k in report.missing_keys if not k.startswith(("decoder_", "mask_token"))]
+    encoder_missing = [k for k in report.missing_keys
+                       if not k.startswith(("decoder_", "mask_token", CONTRASTIVE_HEAD_PREFIX))]
     if encoder_missing:
         raise ValueError(f"{where} lacks encoder weights: {encoder_missing[:8]}"
                          f"{' ...' if len(encoder_missing) > 8 else ''}")
-    if report.missing_keys:
-        msg = (f"{where} is encoder-only: {len(report.missing_keys)} decoder keys missing "
-               f"({report.missing_keys[:4]} ...); the decoder keeps its random init")
+    decoder_missing = [k for k in report.missing_keys if k.startswith(("decoder_", "mask_token"))]
+    if decoder_missing:
+        msg = (f"{where} is encoder-only: {len(decoder_missing)} decoder keys missing "
+               f"({decoder_missing[:4]} ...); the decoder keeps its random init")
         if strict_decoder:
             raise ValueError(msg + ". Pass strict_decoder=False to load the encoder anyway.")
         warnings.warn(msg, stacklevel=2)

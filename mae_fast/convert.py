@@ -220,7 +220,7 @@ def load_mae(path, *, kind: Optional[str] = None, **overrides):
     except ValueError as e:
         raise ValueError(f"{path!r}: {e}") from e
     report.mapped = [f"{k} -> {k}" for k in sd if k in model.state_dict()]
-    report.dropped += loaded.unexpected_keys
+    report.dropped += loaded.unexpected_keys + loaded.ignored_keys  # ignored: a contrastive projector
     report.interpolated = loaded.interpolated
     if loaded.missing_keys:
         report.notes.append(f"{len(loaded.missing_keys)} decoder tensors not in the source keep their init")

@@ -1,10 +1,14 @@
-"""Images for pretraining, with PIL and torch only (no torchvision).
+"""Images for pretraining: PIL and torch, and torchvision when it is installed (optional).
 
 * ``ImageFolder``: an ImageNet-style tree ``root/<class>/<image>`` (or ``root/train/<class>/...``).
 * ``BuiltinImages``: real photos shipped inside the scikit-image wheel (``skimage.data``: astronaut,
   coffee, chelsea, rocket, ...) and its 200 LFW faces; no download.
+* ``TarShards`` (``mae_fast.shards``): WebDataset-style tar shards ``shards-{000000..000099}.tar``.
 * ``TrainTransform``: the official pretraining augmentation, RandomResizedCrop(scale=(0.2, 1.0),
-  bicubic) + horizontal flip + ToTensor + ImageNet normalisation, re-implemented on PIL.
+  bicubic) + horizontal flip + ToTensor + ImageNet normalisation: the crop box and flip are drawn
+  here; the crop/resize runs in torchvision (``decode="torchvision"``, the default ``"auto"`` when
+  torchvision imports) or in PIL (``"pil"``, the fallback: same draws, pixels within about a grey
+  level, docs/DATA.md). ``output="uint8"`` stops before the normalisation (uint8 (3, H, W)).
 
 Randomness is *stateless*: a sample is asked for as ``(index, sample_seed)`` and its crop and flip
 come from ``numpy.random.default_rng(sample_seed)``. The pipeline therefore gives the same pixels
@@ -18,9 +22,10 @@ substitute sample in its place instead, chosen from the key alone (index, sample
 stay full and a function of their keys (exact resume, any number of workers), and returns the
 ``(path, reason)`` of every file it passed over so the caller can warn, count or stop.
 """
+import io
 import math
 import os
-from typing import List, Sequence, Tuple, Union
+from typing import List, NamedTuple, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,6 +53,59 @@ BadFile = Tuple[str, str]  # (path, reason)
 
 # ---------------------------------------------------------------------------------------------
 # transforms
+DECODE_MODES = ("auto", "pil", "pil-draft", "torchvision", "gpu")
+OUTPUTS = ("float", "uint8")
+
+
+def torchvision_error():
+    """None when torchvision's decoders and v2 functional transforms import here, else why not."""
+    global _TV_ERROR
+    if _TV_ERROR is _UNSET:
+        try:
+            import warnings
+            with warnings.catch_warnings():  # 0.29 marks its decoders deprecated (TorchCodec): ours to say
+                warnings.simplefilter("ignore", DeprecationWarning)
+                import torchvision.io  # noqa: F401
+                from torchvision.transforms.v2 import functional  # noqa: F401
+            _TV_ERROR = None
+        except Exception as e:  # not installed, or built for another torch
+            _TV_ERROR = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return _TV_ERROR
+
+
+_UNSET = object()
+_TV_ERROR = _UNSET
+
+
+def resolve_decode(decode: str, cuda: bool = False) -> Tuple[str, str]:
+    """(mode, why): ``decode`` as it will run. "auto" -> "torchvision" when torchvision imports, else
+    "pil"; "gpu" -> "gpu" only with torchvision and ``cuda`` (the run's device is a CUDA GPU), else
+    the CPU mode "auto" picks, with the reason (printed in the run header)."""
+    if decode not in DECODE_MODES:
+        raise DataError(f"decode mode {decode!r}: one of {', '.join(DECODE_MODES)}")
+    if decode in ("pil", "pil-draft"):
+        return decode, "as asked"
+    tv_error = torchvision_error()  # imports torchvision (about a second, once)
+    if decode == "auto":
+        return ("pil", f"auto: torchvision not importable ({tv_error})") if tv_error \
+            else ("torchvision", "auto: torchvision importable")
+    if decode == "torchvision" and tv_error:
+        raise DataError(f"--decode torchvision needs torchvision (pip install 'mae_fast[torchvision]', or the "
+                        f"torchvision matching your torch): {tv_error}")
+    if decode == "gpu":
+        if tv_error or not cuda:
+            cpu, _ = resolve_decode("auto")
+            why = f"torchvision not importable ({tv_error})" if tv_error else "the run's device is not a CUDA GPU"
+            return cpu, f"--decode gpu needs torchvision and a CUDA device: {why}; decoding on the CPU ({cpu})"
+        return "gpu", "torchvision.io.decode_jpeg on the GPU, batched (other formats on the CPU)"
+    return decode, "as asked"
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL RGB (H, W) -> uint8 (3, H, W)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
                             scale=(0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
     """torchvision's RandomResizedCrop.get_params, driven by ``rng``: (left, top, w, h)."""
@@ -77,11 +135,11 @@ def to_normalized_tensor(img, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_S
     """PIL RGB (H, W), or a uint8 tensor (3, H, W) -> float32 (3, H, W): ToTensor (/255) then
     Normalize(mean, std)."""
     if isinstance(img, torch.Tensor):
-        x = img.to(torch.float32) / 255.0  # (3, H, W)
+        x = img.to(torch.float32) / 255.0  # (3, H, W), on the image's device (--decode gpu: the GPU)
     else:
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, H, W)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return (x - mean_t) / std_t
 
 
@@ -110,20 +168,30 @@ def jpeg_draft(img: Image.Image, box, size: int):
 class TrainTransform:
     """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5) + normalise.
 
+    The crop box and flip come from ``draw`` (the sample seed and the image size only); the crop and
+    resize run in PIL (``__call__``) or in torchvision on a uint8 tensor, CPU or GPU (``on_tensor``).
     ``draft``: an image given still undecoded (``Image.open``) is decoded by ``jpeg_draft`` at a
     reduced DCT scale when the crop is at least twice the output; the crop and flip draws are the
-    same, the pixels differ slightly (docs/DATA.md)."""
+    same, the pixels differ slightly (docs/DATA.md). ``output``: "float" (normalised float32) or
+    "uint8" (the same view before ToTensor/Normalize: ``to_normalized_tensor`` of it is the float one)."""
 
-    def __init__(self, size: int, scale=(0.2, 1.0), draft: bool = False):
+    def __init__(self, size: int, scale=(0.2, 1.0), draft: bool = False, output: str = "float"):
+        if output not in OUTPUTS:
+            raise DataError(f"output {output!r}: one of {', '.join(OUTPUTS)}")
         self.size = int(size)
         self.scale = tuple(scale)
         self.draft = draft
+        self.output = output
 
     def draw(self, width: int, height: int, sample_seed: int):
         """(left, top, w, h) crop box and flip, from the sample seed and the image size only."""
         rng = np.random.default_rng(sample_seed)
         box = random_resized_crop_box(width, height, rng, self.scale)
         return box, bool(rng.random() < 0.5)
+
+    def finish(self, view: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, size, size) -> what ``output`` asks for."""
+        return view if self.output == "uint8" else to_normalized_tensor(view)
 
     def __call__(self, img: Image.Image, sample_seed: int) -> torch.Tensor:
         (left, top, w, h), flip = self.draw(img.width, img.height, sample_seed)
@@ -135,18 +203,22 @@ class TrainTransform:
         out = img.resize((self.size, self.size), Image.BICUBIC, box=box)
         if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_normalized_tensor(out)
+        return self.finish(pil_to_uint8(out))
 
-    def on_tensor(self, img: torch.Tensor, sample_seed: int) -> torch.Tensor:
-        """The same draws on a decoded uint8 (3, H, W) tensor, cropped and resized by torchvision
-        (bicubic, antialiased): ``--decode torchvision``."""
+    def crop_tensor(self, img: torch.Tensor, box, flip: bool) -> torch.Tensor:
+        """uint8 (3, H, W) on any device -> uint8 (3, size, size): torchvision's resized_crop
+        (bicubic, antialiased) of ``box`` = (left, top, w, h), then the flip."""
         from torchvision.transforms.v2 import InterpolationMode, functional as TF
-        (left, top, w, h), flip = self.draw(img.shape[-1], img.shape[-2], sample_seed)
+        left, top, w, h = box
         out = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
                               interpolation=InterpolationMode.BICUBIC, antialias=True)  # (3, size, size) uint8
-        if flip:
-            out = out.flip(-1)
-        return to_normalized_tensor(out)
+        return out.flip(-1) if flip else out
+
+    def on_tensor(self, img: torch.Tensor, sample_seed: int) -> torch.Tensor:
+        """The same draws on a decoded uint8 (3, H, W) tensor, cropped and resized by torchvision:
+        ``decode="torchvision"``."""
+        box, flip = self.draw(img.shape[-1], img.shape[-2], sample_seed)
+        return self.finish(self.crop_tensor(img, box, flip))
 
 
 class EvalTransform:
@@ -165,10 +237,14 @@ class EvalTransform:
 # ---------------------------------------------------------------------------------------------
 # data sets
 class _Images(torch.utils.data.Dataset):
-    """Common ``__getitem__``: ``(index, sample_seed)`` -> augmented view, ``index`` -> eval view."""
+    """Common ``__getitem__``: ``(index, sample_seed)`` -> augmented view, ``index`` -> eval view.
 
-    def __init__(self, size: int, scale=(0.2, 1.0), draft: bool = False):
-        self.train_transform = TrainTransform(size, scale, draft)
+    ``decode``: a mode of ``resolve_decode`` (resolved: not "auto"); ``output``: the training
+    view's dtype, "float" (normalised) or "uint8" (the evaluation view is always float)."""
+
+    def __init__(self, size: int, scale=(0.2, 1.0), decode: str = "pil", output: str = "float"):
+        self.decode = decode
+        self.train_transform = TrainTransform(size, scale, draft=decode == "pil-draft", output=output)
         self.eval_transform = EvalTransform(size)
 
     def image(self, index: int) -> Image.Image:  # pragma: no cover - abstract
@@ -184,10 +260,12 @@ class _Images(torch.utils.data.Dataset):
             return self.train_view(int(index), int(sample_seed))
         return self.eval_transform(self.image(int(key)))
 
-    def train_view(self, index: int, sample_seed: int) -> torch.Tensor:
+    def train_view(self, index: int, sample_seed: int, decode: str = None) -> torch.Tensor:
+        """The training view of ``index``; ``decode`` overrides the data set's mode (the CPU twin
+        of a failed GPU decode)."""
         return self.train_transform(self.image(index), sample_seed)
 
-    def load(self, key: Key) -> Tuple[torch.Tensor, Tuple[BadFile, ...]]:
+    def load(self, key: Key, decode: str = None) -> Tuple[torch.Tensor, Tuple[BadFile, ...]]:
         """(sample, bad files): the sample of ``key``, or, when its image is unreadable, of a
         substitute ``(index, sample_seed)`` drawn from ``key`` alone (attempt after attempt while
         the substitutes are unreadable too), with the ``(path, reason)`` of each file passed over."""
@@ -195,6 +273,8 @@ class _Images(torch.utils.data.Dataset):
         cur = key
         for attempt in range(MAX_SUBSTITUTES + 1):
             try:
+                if decode is not None and isinstance(cur, (tuple, list)):
+                    return self.train_view(int(cur[0]), int(cur[1]), decode), tuple(bad)
                 return self[cur], tuple(bad)
             except UnreadableImage as e:
                 bad.append((e.path, e.reason))
@@ -224,36 +304,119 @@ def _unreadable(path: str, e: Exception) -> UnreadableImage:
     return err
 
 
-def _open_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")
+class GpuJpeg(NamedTuple):
+    """A training view left to the GPU (``decode="gpu"``): the JPEG's bytes (uint8 (n,)), the crop
+    box (left, top, w, h) and flip drawn from its header's size, and its key (for a CPU retry)."""
+    data: torch.Tensor
+    box: Tuple[int, int, int, int]
+    flip: bool
+    key: Tuple[int, int]
 
 
-class ImageFolder(_Images):
+class EncodedImages(_Images):
+    """Images stored encoded (files, tar members): ``encoded(index)`` gives the bytes and
+    ``source(index)`` the name an error shows; decoding follows ``decode``:
+
+    * "pil": PIL decodes the whole image, PIL crops and resizes;
+    * "pil-draft": PIL decodes JPEGs at a reduced DCT scale when the crop is >= 2x the output;
+    * "torchvision": ``torchvision.io.decode_image`` (RGB) then ``resized_crop`` on the tensor;
+    * "gpu": JPEGs leave the worker undecoded (``GpuJpeg``: bytes + crop drawn from the header's
+      size), decoded batched on the GPU by ``decode_gpu_batch``; other formats as "torchvision".
+
+    All make the same crop and flip draws; the evaluation view is PIL in every mode."""
+
+    def encoded(self, index: int) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def source(self, index: int) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self, index: int) -> bytes:
+        try:
+            return self.encoded(index)
+        except Exception as e:
+            raise _unreadable(self.source(index), e) from e
+
+    def image(self, index: int) -> Image.Image:
+        data = self._read(index)
+        try:
+            return Image.open(io.BytesIO(data)).convert("RGB")
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise _unreadable(self.source(index), e) from e
+
+    def train_view(self, index: int, sample_seed: int, decode: str = None):
+        decode = decode or self.decode
+        if decode == "pil":
+            return super().train_view(index, sample_seed)
+        data = self._read(index)
+        try:
+            if decode == "pil-draft":  # decoded inside the transform, after the crop is known
+                return self.train_transform(Image.open(io.BytesIO(data)), sample_seed)
+            if decode == "gpu":
+                with Image.open(io.BytesIO(data)) as img:  # the header only: format and size
+                    fmt, (width, height) = img.format, img.size
+                if fmt == "JPEG":
+                    box, flip = self.train_transform.draw(width, height, sample_seed)
+                    return GpuJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip,
+                                   (index, sample_seed))
+            return self.train_transform.on_tensor(_decode_tensor(data), sample_seed)
+        except Exception as e:
+            raise _unreadable(self.source(index), e) from e
+
+
+def _decode_tensor(data: bytes) -> torch.Tensor:
+    """Encoded bytes -> uint8 (3, H, W) RGB, torchvision on the CPU."""
+    from torchvision.io import ImageReadMode, decode_image
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def decode_gpu_batch(samples: Sequence, device: torch.device, dataset) -> Tuple[torch.Tensor, Tuple[BadFile, ...]]:
+    """``decode="gpu"``: a batch of ``GpuJpeg`` (and views the workers already made) -> (images
+    (N, 3, size, size) on ``device``, bad files). The JPEGs are decoded in one batched
+    ``torchvision.io.decode_jpeg(device=...)`` call, then cropped, resized and flipped on the GPU;
+    a JPEG the GPU decoder rejects is loaded again on the CPU (``dataset.load(key, "torchvision")``),
+    substituted there if it is unreadable, and reported in the bad files."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    jpeg_at = [k for k, s in enumerate(samples) if isinstance(s, GpuJpeg)]
+    decoded = {}  # position in the batch -> uint8 (3, H, W) on device
+    if jpeg_at:
+        try:
+            images = decode_jpeg([samples[k].data for k in jpeg_at], mode=ImageReadMode.RGB, device=device)
+            decoded = dict(zip(jpeg_at, images))
+        except Exception:  # one bad JPEG fails the whole batch: decode them one by one
+            for k in jpeg_at:
+                try:
+                    decoded[k] = decode_jpeg(samples[k].data, mode=ImageReadMode.RGB, device=device)
+                except Exception:
+                    pass  # retried on the CPU below
+    out, bad = [], []
+    transform = dataset.train_transform
+    for k, s in enumerate(samples):
+        if not isinstance(s, GpuJpeg):
+            out.append(s.to(device, non_blocking=True))
+        elif k in decoded:
+            out.append(transform.finish(transform.crop_tensor(decoded[k], s.box, s.flip)))
+        else:
+            view, passed_over = dataset.load(s.key, "torchvision")
+            out.append(view.to(device))
+            bad += passed_over
+    return torch.stack(out, 0), tuple(bad)
+
+
+class ImageFolder(EncodedImages):
     """``root/<class>/<image>`` (ImageNet layout). ``root/train`` is used when it exists.
 
     Classes are the sorted sub-folders (labels 0..K-1); image files are found recursively inside
     each class folder. Images directly under ``root`` (no class folders) form a single class.
-    ``decode``: "pil" (decode the whole image), "pil-draft" (JPEGs decoded at a reduced DCT scale
-    when the random crop is at least twice the output side; see ``jpeg_draft``) or "torchvision"
-    (``torchvision.io.decode_image`` + ``resized_crop``, when torchvision is installed; training
-    views only, the evaluation view stays PIL). All three make the same crop and flip draws.
+    ``decode``: one of ``DECODE_MODES`` ("auto": torchvision when it imports, else PIL; see
+    ``EncodedImages`` and ``resolve_decode``); ``cuda``: whether "gpu" may run here.
     """
-    DECODE_MODES = ("pil", "pil-draft", "torchvision")
+    DECODE_MODES = DECODE_MODES
 
-    def __init__(self, root: str, size: int, scale=(0.2, 1.0), decode: str = "pil"):
-        if decode not in self.DECODE_MODES:
-            raise DataError(f"decode mode {decode!r}: one of {', '.join(self.DECODE_MODES)}")
-        if decode == "torchvision":
-            try:
-                import torchvision.io  # noqa: F401
-                from torchvision.transforms.v2 import functional  # noqa: F401
-            except Exception as e:
-                raise DataError(f"--decode torchvision needs torchvision (pip install torchvision, matching "
-                                f"your torch): {type(e).__name__}: {e}") from e
-        super().__init__(size, scale, draft=decode == "pil-draft")
-        self.decode = decode
+    def __init__(self, root: str, size: int, scale=(0.2, 1.0), decode: str = "auto", output: str = "float",
+                 cuda: bool = False):
+        mode, self.decode_why = resolve_decode(decode, cuda)
+        super().__init__(size, scale, mode, output)
         root = os.path.expanduser(os.fspath(root))
         if not os.path.exists(root):
             raise DataError(f"--data-path {root!r} does not exist")
@@ -282,29 +445,12 @@ class ImageFolder(_Images):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def image(self, index: int) -> Image.Image:
-        path = self.samples[index][0]
-        try:
-            return _open_rgb(path)
-        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-            raise _unreadable(path, e) from e
+    def source(self, index: int) -> str:
+        return self.samples[index][0]
 
-    def train_view(self, index: int, sample_seed: int) -> torch.Tensor:
-        path = self.samples[index][0]
-        if self.decode == "torchvision":
-            from torchvision.io import ImageReadMode, decode_image, read_file
-            try:
-                img = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
-            except Exception as e:
-                raise _unreadable(path, e) from e
-            return self.train_transform.on_tensor(img, sample_seed)
-        if not self.train_transform.draft:
-            return super().train_view(index, sample_seed)
-        try:  # decoded inside the transform, after the crop is known
-            with open(path, "rb") as f:
-                return self.train_transform(Image.open(f), sample_seed)
-        except Exception as e:
-            raise _unreadable(path, e) from e
+    def encoded(self, index: int) -> bytes:
+        with open(self.samples[index][0], "rb") as f:
+            return f.read()
 
     def label(self, index: int) -> int:
         return self.samples[index][1]
@@ -358,14 +504,32 @@ class BuiltinImages(_Images):
 
     Even indices cycle through the photos, odd ones through the faces (so the 200 small faces
     do not drown the ~17 large photos); every training sample is a fresh random crop.
+    ``decode``: the photos are decoded once, in memory; "auto" crops them with torchvision when it
+    imports (uint8 tensors), else with PIL; "pil-draft" and "gpu" have nothing to decode here (PIL
+    and "auto" respectively, with the reason in ``decode_why``).
     """
 
-    def __init__(self, size: int, length: int = 4096, scale=(0.2, 1.0)):
-        super().__init__(size, scale)
+    def __init__(self, size: int, length: int = 4096, scale=(0.2, 1.0), decode: str = "auto",
+                 output: str = "float"):
+        mode, self.decode_why = resolve_decode("auto" if decode == "gpu" else decode)
+        if decode in ("pil-draft", "gpu"):
+            mode, self.decode_why = ("pil" if decode == "pil-draft" else mode), \
+                f"--decode {decode}: the built-in photos are decoded once, in memory; cropped with {mode}"
+        super().__init__(size, scale, mode, output)
         if length < 1:
             raise DataError(f"the built-in data set needs a positive length, got {length}")
         self.photos, self.photo_names, self.faces = _builtin_sources()
         self.length = int(length)
+        self._tensors = {}  # id(photo) -> uint8 (3, H, W), made on first use in each process
+
+    def train_view(self, index: int, sample_seed: int, decode: str = None) -> torch.Tensor:
+        if (decode or self.decode) != "torchvision":
+            return super().train_view(index, sample_seed)
+        img = self.image(index)
+        t = self._tensors.get(id(img))
+        if t is None:
+            t = self._tensors[id(img)] = pil_to_uint8(img)
+        return self.train_transform.on_tensor(t, sample_seed)
 
     def __len__(self) -> int:
         return self.length

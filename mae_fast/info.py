@@ -14,10 +14,17 @@ def _version(module):
         return f"not available ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
 
 
+def _decode_auto() -> str:
+    from .data import resolve_decode
+    mode, why = resolve_decode("auto")
+    return f"{mode} ({why}; torchvision {_version('torchvision')})" if mode == "torchvision" else f"{mode} ({why})"
+
+
 def report(backend: str = "auto") -> str:
     import torch
 
     from . import __version__, _ext, backends
+    from .ops.mlp import mlp_mode
 
     lines = [f"mae_fast {__version__}",
              f"python {platform.python_version()} on {platform.machine()}",
@@ -26,6 +33,7 @@ def report(backend: str = "auto") -> str:
              + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
              f"triton {_version('triton')}",
              f"xformers {_version('xformers')}",
+             f"data: --decode auto -> {_decode_auto()}",
              f"mae_fast._C: {_ext.how_obtained()}"
              + (f"; CUDA kernels {'compiled in' if _ext.built_with_cuda() else 'not compiled in'}"
                 if _ext.LOADED else ""),
@@ -48,6 +56,14 @@ def report(backend: str = "auto") -> str:
               "blocks: each residual add runs with the LayerNorm after it (norm2, the next block's norm1, "
               "the final norm) as one op, add_layer_norm above (Triton where it says triton, else the plain "
               "add + F.layer_norm); model.set_fused_blocks(False) gives the plain blocks"]
+    try:
+        mode = mlp_mode()
+    except ValueError as e:
+        mode = f"ERROR {e}"
+    lines.append(f"MLP GEMM path (opt-in, MAE_FAST_MLP=gemm; GPU speed not measured): {mode}")
+    lines += ["contrastive MAE (CAN-style InfoNCE over two masked views, mae_fast.ContrastiveMAE): off by default; "
+              "on with `mae-fast pretrain --contrastive-weight W` (the run header then says so); the plain "
+              "MaskedAutoencoderViT never runs it"]
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from .attention import attend, qkv_attention
 from .ops.layernorm import add_norm
+from .ops import mlp as mlp_ops
 
 
 def to_2tuple(x):
@@ -62,6 +63,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 (timm's names). With ``MAE_FAST_MLP=gemm`` (opt-in) and a fused
+    ``backend``, the Triton GEMMs of ``mae_fast.ops.mlp`` run it: GELU in fc1's epilogue, GELU'
+    in fc2's grad-input GEMM, bias grads in the weight-grad GEMMs; same math."""
+
     def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
         super().__init__()
         out_features = out_features or in_features
@@ -70,8 +75,11 @@ class Mlp(nn.Module):
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
+        self.backend = "auto"  # the model sets it (mae_fast.backends: "reference" = the plain ops)
 
     def forward(self, x):
+        if mlp_ops.fused_mlp_runs(self, x, self.backend):
+            return mlp_ops.fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 

@@ -25,7 +25,7 @@ class MaskedAutoencoderViT(nn.Module):
                  embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
-                 *, backend="auto", attn_backend=None):
+                 *, backend="auto", attn_backend=None, input_mean=None, input_std=None):
         super().__init__()
         self.backend = check_backend(backend)
         # --------------------------------------------------------------------------
@@ -62,6 +62,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.grad_checkpointing = False  # see set_grad_checkpointing
         self.set_attn_backend(attn_backend)
         self.set_fused_blocks(True)
+        for blk in list(self.blocks) + list(self.decoder_blocks):
+            blk.mlp.backend = self.backend  # the opt-in MLP GEMMs (MAE_FAST_MLP=gemm) follow backend
+        self.set_input_normalization(input_mean, input_std)
         self.initialize_weights()
 
     @property
@@ -75,6 +78,62 @@ class MaskedAutoencoderViT(nn.Module):
         self._backend = check_backend(backend)
         for blk in list(getattr(self, "blocks", ())) + list(getattr(self, "decoder_blocks", ())):
             blk.backend = self._backend
+
+    def set_input_normalization(self, mean=None, std=None):
+        """Lets ``forward`` take uint8 images (N, C, H, W), pixel values 0..255: each is read as
+        ``(x / 255 - mean[c]) / std[c]`` in fp32 (ToTensor + Normalize, as
+        ``mae_fast.data.to_normalized_tensor``), rounded to the model's dtype, the float image
+        the uint8 one stands for. The fused path normalises inside the patch gather and the
+        loss's target load, so no float image is made; the reference normalises first. Float
+        images are unaffected. ``mean``, ``std``: C numbers each (std > 0); both None clears.
+        Kept as ``self.pixel_norm`` (2, C) fp32, a plain tensor attribute that follows the
+        model's device: not a buffer, so not in state_dict (checkpoints load unchanged) and not
+        broadcast by DDP every step (DDP broadcasts buffers; this model has none)."""
+        if mean is None and std is None:
+            self._pixel_norm_values = None
+            self.pixel_norm = None
+            return
+        C = self.in_chans
+        try:
+            values = torch.as_tensor([[float(v) for v in mean], [float(v) for v in std]],
+                                     dtype=torch.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"mean and std must be sequences of {C} numbers, got {mean!r}, {std!r}") from e
+        if values.shape[1] != C or len(mean) != len(std):
+            raise ValueError(f"mean and std need {C} values each (in_chans={C}), got {len(mean)} and {len(std)}")
+        if not bool(torch.isfinite(values).all()) or not bool((values[1] > 0).all()):
+            raise ValueError(f"mean must be finite and std finite and > 0, got {mean!r}, {std!r}")
+        # python floats -> fp32, as torch.tensor(mean, dtype=torch.float32) rounds them
+        self._pixel_norm_values = values.tolist()
+        self.pixel_norm = torch.tensor(self._pixel_norm_values, dtype=torch.float32,
+                                       device=self.cls_token.device)  # (2, C): mean, std
+
+    def _apply(self, fn, *args, **kwargs):
+        """``pixel_norm`` follows .to(device) / .cuda() / .to_empty(); rebuilt from the exact
+        values in fp32 (.to(bfloat16) / .half() would round the statistics)."""
+        out = super()._apply(fn, *args, **kwargs)
+        if self.pixel_norm is not None:
+            self.pixel_norm = torch.tensor(self._pixel_norm_values, dtype=torch.float32,
+                                           device=fn(self.pixel_norm).device)
+        return out
+
+    def normalize_input(self, imgs):
+        """uint8 imgs -> the float image they stand for (see set_input_normalization), in the
+        model's dtype; float imgs unchanged."""
+        if imgs.dtype != torch.uint8:
+            return imgs
+        args = self._pixel_args(imgs)
+        return reference.normalize_pixels(imgs, args["pixel_norm"], args["pixel_dtype"])
+
+    def _pixel_args(self, imgs) -> dict:
+        """The ops' pixel_norm / pixel_dtype keywords for these images ({} for float images)."""
+        if imgs.dtype != torch.uint8:
+            return {}
+        if self.pixel_norm is None:
+            raise TypeError("uint8 images need the input normalisation: "
+                            "MaskedAutoencoderViT(..., input_mean=..., input_std=...) or "
+                            "model.set_input_normalization(mean, std)")
+        return dict(pixel_norm=self.pixel_norm, pixel_dtype=self.cls_token.dtype)
 
     def set_attn_backend(self, attn_backend=None):
         """Attention backend of every block (see ``mae_fast.attention``); None follows ``backend``."""
@@ -209,7 +268,7 @@ class MaskedAutoencoderViT(nn.Module):
             noise = self._noise(noise, N, L, x.device)  # checked; None: drawn where it is used
         if self._overrides_encoder_input():
             # a subclass's random_masking, or a replaced / hooked patch_embed: the official order
-            x = self.patch_embed(x)
+            x = self.patch_embed(self.normalize_input(x))
             x = x + self.pos_embed[:, 1:, :]
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise) if noise is not None \
                 else self.random_masking(x, mask_ratio)
@@ -221,7 +280,8 @@ class MaskedAutoencoderViT(nn.Module):
             ids_keep, ids_restore, mask = ops.masking_indices(noise, len_keep, backend=self.backend)
             # embed patches, add pos embed, keep the unmasked ones, append cls token
             x = ops.patch_embed_masked(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
-                                       self.pos_embed, self.cls_token, ids_keep, backend=self.backend)
+                                       self.pos_embed, self.cls_token, ids_keep, backend=self.backend,
+                                       **self._pixel_args(x))
 
         # apply Transformer blocks
         x = self._blocks_then_norm(self.blocks, self.norm, x)
@@ -253,8 +313,10 @@ class MaskedAutoencoderViT(nn.Module):
         mask: [N, L], 0 is keep, 1 is remove,
         """
         if type(self).patchify is not MaskedAutoencoderViT.patchify:  # a subclass's own patchify
-            return reference.masked_loss_on_target(self.patchify(imgs), pred, mask, self.norm_pix_loss)
-        return ops.masked_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss, backend=self.backend)
+            return reference.masked_loss_on_target(self.patchify(self.normalize_input(imgs)), pred,
+                                                   mask, self.norm_pix_loss)
+        return ops.masked_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss, backend=self.backend,
+                               **self._pixel_args(imgs))
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
@@ -287,8 +349,11 @@ class MaskedAutoencoderViT(nn.Module):
             raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
         if imgs.dim() != 4:
             raise ValueError(f"imgs must be (N, C, H, W), got shape {tuple(imgs.shape)}")
-        if not imgs.is_floating_point():
-            raise TypeError(f"imgs must be a floating-point tensor, got {imgs.dtype}")
+        if imgs.dtype == torch.uint8:
+            self._pixel_args(imgs)  # TypeError without set_input_normalization
+        elif not imgs.is_floating_point():
+            raise TypeError(f"imgs must be a floating-point tensor (or uint8 with "
+                            f"set_input_normalization), got {imgs.dtype}")
         C, H, W = imgs.shape[1:]
         if C != self.in_chans:
             raise ValueError(f"imgs have {C} channels, the model was built with in_chans={self.in_chans}")
@@ -297,7 +362,8 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
         if (H, W) != tuple(self.patch_embed.img_size):
             raise ValueError(f"image size {H}x{W} does not match img_size {tuple(self.patch_embed.img_size)}")
-        if imgs.dtype != self.cls_token.dtype and not torch.is_autocast_enabled(imgs.device.type):
+        if imgs.dtype not in (torch.uint8, self.cls_token.dtype) \
+                and not torch.is_autocast_enabled(imgs.device.type):
             raise TypeError(f"imgs dtype {imgs.dtype} does not match the model's {self.cls_token.dtype} "
                             "(cast the model or the images, or use torch.autocast)")
         if imgs.device != self.cls_token.device:

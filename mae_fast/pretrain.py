@@ -41,18 +41,21 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import lr_sched
-from .data import DataError, ImageFolder, stack
+from .contrastive import DEFAULT_VIEW_MASK_RATIO, ContrastiveMAE
+from .data import DECODE_MODES, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DataError, stack
 from .knn import KnnMonitor
 from .linprobe import compare_with_random_init
 from .recipes import (DEFAULT_MODEL, DEMO_RECIPE, MODELS, OFFICIAL_RECIPE, UsageError,  # noqa: F401
                       build_model, default_cpu_threads, mae_vit_tiny_patch4, mae_vit_tiny_patch8)
+from .shards import is_shard_spec
 from .train.amp import AMP_NAMES, resolve_amp
-from .train.loader import BadFiles, EpochBatches, build_dataset, build_loader, default_num_workers
+from .train.loader import BadFiles, EpochBatches, build_dataset, build_loader, default_num_workers, to_device
 from .train.log import RunLog, progress_bar
 from .train.seeds import mask_noise, rng_state, sample_seed, seed_process, set_rng_state  # noqa: F401
 from .train.state import (SAVE_FORMATS, Checkpointer, check_save_format, checkpoint_dict,  # noqa: F401
                           read_resume, resume_path, resume_training, save_checkpoint, schedule_from_official)
-from .train.step import TrainingError, TrainStep, build_optimizer, set_learning_rate
+from .train.step import LOSS_PARTS, TrainingError, TrainStep, build_optimizer, set_learning_rate
+from .train.views import TwoViews
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"one of: {', '.join(MODELS)}")
     g.add_argument("--input-size", type=int, default=None, help="image side in pixels [model]")
-    g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
+    g.add_argument("--mask-ratio", type=float, default=None,
+                   help="fraction of patches removed (default: 0.75; 0.5 per view with --contrastive-weight, as CAN)")
     g.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised pixels as target")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each encoder/decoder block in the backward pass instead of keeping its "
@@ -97,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager, eager)")
     g.add_argument("--backend", default="auto", choices=("auto", "reference", "fast"),
                    help="mae_fast op backend (auto: fused kernels where they run)")
+    g.add_argument("--contrastive-weight", type=float, default=0.0,
+                   help="> 0: contrastive MAE (CAN-style, mae_fast.ContrastiveMAE): two views per image, "
+                        "loss = reconstruction weight x reconstruction + this x InfoNCE over the global batch "
+                        "(CAN: 0.03); 0: plain MAE")
+    g.add_argument("--reconstruction-weight", type=float, default=None,
+                   help="weight of the reconstruction loss with --contrastive-weight (default: 1 - that weight)")
+    g.add_argument("--contrastive-temperature", type=float, default=0.1,
+                   help="InfoNCE temperature with --contrastive-weight (CAN: 0.1)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=None, help="images per process per iteration [model]")
     g.add_argument("--epochs", type=int, default=None, help="[model]")
@@ -124,12 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp16 uses a grad scaler")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None,
-                   help="ImageFolder tree root/<class>/<image> (root/train used if present); "
+                   help="ImageFolder tree root/<class>/<image> (root/train used if present), or WebDataset "
+                        "tar shards 'shards-{000000..000099}.tar' (docs/DATA.md); "
                         "default: built-in scikit-image photos and faces")
     g.add_argument("--builtin-size", type=int, default=4096, help="samples per epoch of the built-in data")
-    g.add_argument("--decode", default="pil", choices=ImageFolder.DECODE_MODES,
-                   help="ImageFolder decoding: pil (whole image), pil-draft (JPEG at a reduced DCT scale "
-                        "when the crop is >= 2x the output) or torchvision (if installed); docs/DATA.md")
+    g.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                   help="decoding and crop/resize: auto (torchvision when it imports, else pil), pil (whole "
+                        "image), pil-draft (JPEG at a reduced DCT scale when the crop is >= 2x the output), "
+                        "torchvision, gpu (JPEGs decoded batched on the CUDA device; CPU otherwise); docs/DATA.md")
+    g.add_argument("--input-dtype", default="float", choices=("float", "uint8"),
+                   help="what the loader ships to the device: normalised float32, or uint8 (4x fewer bytes; "
+                        "needs a model with set_input_normalization, which normalises on the device)")
     g.add_argument("--strict-data", action="store_true",
                    help="stop at the first unreadable image (default: replace it by another sample, warn, "
                         "count it in log.csv bad_samples)")
@@ -195,6 +212,7 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
     for key in ("input_size", "blr", "epochs", "warmup_epochs", "batch_size", "knn_every"):
         if getattr(args, key) is None:
             setattr(args, key, recipe.get(key, 0))
+    _resolve_contrastive(args)
     checks = [
         (args.batch_size > 0, f"--batch-size must be > 0, got {args.batch_size}"),
         (args.epochs > 0, f"--epochs must be > 0, got {args.epochs}"),
@@ -225,7 +243,8 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
             raise UsageError(msg)
     if args.knn_data is not None and not os.path.isdir(os.path.expanduser(args.knn_data)):
         raise UsageError(f"--knn-data {args.knn_data!r} is not a directory")
-    if args.data_path is not None and not os.path.isdir(os.path.expanduser(args.data_path)):
+    if args.data_path is not None and not is_shard_spec(args.data_path) \
+            and not os.path.isdir(os.path.expanduser(args.data_path)):
         raise UsageError(f"--data-path {args.data_path!r} is not a directory"
                          f"{'' if os.path.exists(os.path.expanduser(args.data_path)) else ' (it does not exist)'}")
     args.world_size = world_size
@@ -233,6 +252,31 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
     if args.lr is None:
         args.lr = args.blr * args.eff_batch_size / 256
     return args
+
+
+def _resolve_contrastive(args) -> None:
+    """--mask-ratio default (0.75, or CAN's 0.5 per view with --contrastive-weight) and the
+    contrastive options' checks."""
+    weight = getattr(args, "contrastive_weight", 0.0) or 0.0
+    if getattr(args, "mask_ratio", None) is None:
+        args.mask_ratio = DEFAULT_VIEW_MASK_RATIO if weight > 0 else 0.75
+    if not hasattr(args, "contrastive_weight"):
+        return
+    if not weight >= 0:
+        raise UsageError(f"--contrastive-weight must be >= 0, got {args.contrastive_weight}")
+    if weight > 0:
+        rec = args.reconstruction_weight
+        if rec is None and weight > 1:
+            raise UsageError(f"--contrastive-weight {weight} > 1 leaves a negative reconstruction weight "
+                             "(1 - it); give --reconstruction-weight")
+        if rec is not None and not rec >= 0:
+            raise UsageError(f"--reconstruction-weight must be >= 0, got {rec}")
+        if not args.contrastive_temperature > 0:
+            raise UsageError(f"--contrastive-temperature must be > 0, got {args.contrastive_temperature}")
+
+
+def contrastive_on(args) -> bool:
+    return (getattr(args, "contrastive_weight", 0.0) or 0.0) > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +373,11 @@ def _setup_run(args, rank, world_size, device, distributed, resume=None) -> Simp
     is_main = rank == 0
     say = print_on(is_main)
     # data first: a bad --data-path fails before anything is built
-    dataset, data_desc = build_dataset(args)
+    dataset, data_desc = build_dataset(args, device)
+    if contrastive_on(args):  # two augmented views per image (TwoViews: view 0 is the plain run's sample)
+        if args.decode == "gpu":  # TwoViews stacks decoded views; --decode gpu ships encoded JPEGs
+            raise UsageError("--contrastive-weight does not work with --decode gpu yet: use a CPU decode mode")
+        dataset, data_desc = TwoViews(dataset), data_desc + ", two views per sample"
     batches = EpochBatches(dataset, args.batch_size, args.seed, rank, world_size)
     steps_per_epoch = batches.steps_per_epoch
     if steps_per_epoch < 1:
@@ -339,6 +387,14 @@ def _setup_run(args, rank, world_size, device, distributed, resume=None) -> Simp
     # the model: same init on every rank (seed), then per-rank seeds as the official
     torch.manual_seed(args.seed)
     model_without_ddp = build_model(args.model, args.input_size, args.norm_pix_loss, args.backend).to(device)
+    if contrastive_on(args):  # the plain model's initialisation, plus the projector
+        model_without_ddp = ContrastiveMAE.from_mae(
+            model_without_ddp, contrastive_weight=args.contrastive_weight,
+            reconstruction_weight=args.reconstruction_weight, temperature=args.contrastive_temperature,
+            view_mask_ratio=args.mask_ratio)
+    # uint8 batches (--input-dtype uint8, pixels 0..255) are normalised inside the kernels with the
+    # float pipeline's statistics (docs/DATA.md); float batches are unaffected, checkpoints unchanged
+    model_without_ddp.set_input_normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     seed_process(args.seed + rank)
     model_without_ddp.set_grad_checkpointing(args.grad_checkpointing)
     amp_dtype, amp_reason = resolve_amp(args.amp, device, width=model_without_ddp.cls_token.shape[-1])
@@ -368,10 +424,12 @@ def _setup_run(args, rank, world_size, device, distributed, resume=None) -> Simp
     knn = KnnMonitor(args.input_size, args.knn_data, args.seed, amp_dtype=amp_dtype) \
         if is_main and args.knn_every else None
     log = RunLog(args.output_dir, is_main, resume_step=start_epoch * steps_per_epoch + start_step if resume else None,
-                 fields=("epoch", "step", "loss", "lr", "img_per_s", "bad_steps", "bad_samples", "knn_acc"))
+                 fields=("epoch", "step", "loss", "lr", "img_per_s", "bad_steps", "bad_samples", "knn_acc")
+                 + (LOSS_PARTS if contrastive_on(args) else ()))
     return SimpleNamespace(
         args=args, rank=rank, device=device, distributed=distributed, is_main=is_main, say=say, log=log,
         model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, batches=batches, loader=loader,
+        dataset=dataset,
         step=TrainStep(model, optimizer, scaler, amp_dtype, device, args, distributed, forward=forward,
                        report_first=_report_compile(say, args) if args.compile else None),
         t_window=0.0, window_images=0, bad_files=BadFiles(args.strict_data, rank),
@@ -430,6 +488,9 @@ def _print_header(say, args, model, optimizer, data_desc, device, world_size, am
         f"lr {args.lr:.3g} (blr {args.blr:.3g} x {args.eff_batch_size}/256), wd {args.weight_decay}, "
         f"warmup {args.warmup_epochs} + cosine to epoch {args.epochs}, {steps_per_epoch} it/epoch, "
         f"{'fused' if optimizer.defaults.get('fused') else 'for-each'} AdamW")
+    if isinstance(model, ContrastiveMAE):
+        say(f"{model.describe()}; global batch {args.batch_size * world_size} images "
+            f"({2 * args.batch_size * world_size - 2} negatives per anchor)")
     say(f"output: {os.path.abspath(args.output_dir)}")
 
 
@@ -458,10 +519,15 @@ def _run_epoch(run, epoch: int, skip: int):
         step = epoch * spe + it
         if it % args.accum_iter == 0:
             run.lr = set_learning_rate(run.optimizer, it / spe + epoch, args)
-        imgs = imgs.to(run.device, non_blocking=True)
+        imgs, late_bad = to_device(imgs, run.device, run.dataset)  # (N, 3, H, W); --decode gpu decodes here
+        run.bad_files.note(late_bad)
         if step in args.simulate_nan_at_steps:
             imgs = torch.full_like(imgs, float("nan"))
-        noise = mask_noise(args.seed, run.rank, step, imgs.shape[0], num_patches, run.device)
+        if imgs.dim() == 5:  # two views per image (--contrastive-weight): noise (N, 2, L)
+            noise = mask_noise(args.seed, run.rank, step, imgs.shape[0] * imgs.shape[1], num_patches,
+                               run.device).view(imgs.shape[0], imgs.shape[1], num_patches)
+        else:
+            noise = mask_noise(args.seed, run.rank, step, imgs.shape[0], num_patches, run.device)
         run.step(imgs, noise, it, step)
         run.iterations_run += 1
         run.window_images += run.images_per_iter
@@ -499,9 +565,11 @@ def _log_row(run, epoch: int, step: int, bar) -> None:
     run.t_window, run.window_images = now, 0
     if run.first_loss is None:
         run.first_loss = loss_mean
-    run.log.row(step, {"train_loss": loss_mean, "lr": run.lr}, epoch=epoch, loss=f"{loss_mean:.6f}",
+    parts = run.step.window_parts  # {"loss_rec": ..., "loss_con": ...} with --contrastive-weight
+    run.log.row(step, {"train_loss": loss_mean, "lr": run.lr, **{f"train_{k}": v for k, v in parts.items()}},
+                epoch=epoch, loss=f"{loss_mean:.6f}",
                 lr=f"{run.lr:.6g}", img_per_s=f"{img_s:.4g}", bad_steps=bad_total,
-                bad_samples=run.bad_files.take_window())
+                bad_samples=run.bad_files.take_window(), **{k: f"{v:.6f}" for k, v in parts.items()})
     if bar is not None:
         bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{run.lr:.2e}", img_s=f"{img_s:.0f}")
 

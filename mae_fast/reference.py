@@ -8,6 +8,22 @@ import torch
 import torch.nn.functional as F
 
 
+def normalize_pixels(imgs: torch.Tensor, pixel_norm: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 imgs (N, C, H, W); pixel_norm (2, C) fp32, rows mean and std -> the float image
+    ``(imgs / 255 - mean[c]) / std[c]``, computed in fp32 then rounded once to ``dtype``.
+
+    The same fp32 ops in the same order as torchvision's ToTensor + Normalize
+    (``mae_fast.data.to_normalized_tensor``), both divisions true IEEE divisions: the 255 is a
+    tensor on the image's device, so CUDA's "divide by a CPU scalar" shortcut (a multiply by the
+    rounded reciprocal) does not apply. The Triton kernels compute the same with ``tl.div_rn``.
+    """
+    C = imgs.shape[1]
+    x = imgs.to(torch.float32) / pixel_norm.new_full((), 255.0)
+    x = (x - pixel_norm[0].view(1, C, 1, 1)) / pixel_norm[1].view(1, C, 1, 1)
+    return x.to(dtype)
+
+
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     """imgs: (N, C, H, W) -> x: (N, L, p*p*C), element order (h, w, p, q, c) as the official."""
     N, C, H, W = imgs.shape

@@ -14,6 +14,8 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs in the CUDA lane (MAE_FAST_TEST_DEVICE=cuda), "
                                        "compiled kernels on CUDA tensors; skips elsewhere")
+    config.addinivalue_line("markers", "slow: a randomized sweep of many cases that repeats what the targeted "
+                                       "tests check; runs in `make test`, deselected by `make test-compat`")
 
 
 def pytest_report_header(config):

@@ -131,6 +131,72 @@ def test_masked_loss_charges(dtype, norm_pix):
                               mask_sum, p, norm_pix, want_imgs, kernels=["_masked_loss_bwd_kernel"])
 
 
+def _uint8_case(N, C, H, W):
+    imgs = torch.randint(0, 256, (N, C, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixel_norm = torch.tensor([[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]])[:, :C].contiguous()
+    return imgs, pixel_norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_patches_normalized_charge(dtype):
+    """uint8 images: 1 byte a kept pixel (an fp32 image: 4), plus the (2, C) fp32 mean/std once."""
+    from mae_fast.ops.patch_embed import gather_patches_normalized
+    N, C, H, W, p, K = 3, 3, 12, 20, 4, 5
+    imgs, pixel_norm = _uint8_case(N, C, H, W)
+    probe = assert_charge_is_real(gather_patches_normalized, imgs, _kept(N, 15, K), p, pixel_norm, dtype,
+                                  kernels=["_patch_copy_kernel"])
+    assert probe.launches[0].loaded == N * K * 8 + N * K * C * p * p * 1 + 2 * C * 4
+    assert probe.launches[0].stored == N * K * C * p * p * torch.tensor([], dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_masked_loss_charges_uint8(norm_pix):
+    from mae_fast.ops.loss import masked_loss_backward, masked_loss_op
+    N, C, H, W, p = 2, 3, 8, 12, 4
+    L, P = 6, C * p * p
+    imgs, pixel_norm = _uint8_case(N, C, H, W)
+    pred = torch.randn(N, L, P).to(torch.bfloat16)
+    mask = torch.tensor([[1., 0, 1, 1, 0, 1], [0, 1, 1, 0, 1, 1]])
+    args = (imgs, pred, mask, p, norm_pix, pixel_norm, torch.float32)
+    probe = assert_charge_is_real(masked_loss_op, *args,
+                                  kernels=["_masked_loss_fwd_kernel", "_masked_loss_reduce_kernel"])
+    removed = 8
+    assert probe.launches[0].loaded == N * L * 4 + removed * P * (1 + 2) + 2 * C * 4
+    loss, mask_sum = masked_loss_op(*args)
+    assert_charge_is_real(masked_loss_backward, torch.ones(()), imgs, pred, mask, mask_sum, p, norm_pix,
+                          False, pixel_norm, torch.float32, kernels=["_masked_loss_bwd_kernel"])
+
+
+def test_patch_embed_gemm_charges_uint8():
+    from mae_fast.ops.patch_embed import patch_embed_gemm, patch_embed_gemm_backward
+    N, C, H, W, p, D, K, L = 2, 3, 8, 12, 4, 24, 3, 6
+    imgs, pixel_norm = _uint8_case(N, C, H, W)
+    weight, bias = torch.randn(D, C, p, p), torch.randn(D)
+    pos, cls, ids = torch.randn(1, 1 + L, D), torch.randn(1, 1, D), _kept(N, L, K)
+    assert_charge_is_real(patch_embed_gemm, imgs, weight, bias, pos, cls, ids, torch.float32,
+                          pixel_norm, torch.float32, kernels=["_patch_embed_gemm_kernel"])
+    assert_charge_is_real(patch_embed_gemm_backward, torch.randn(N, 1 + K, D), imgs, ids, [D, C, p, p],
+                          torch.float32, torch.float32, torch.float32, torch.float32, pixel_norm,
+                          torch.float32, kernels=["_patch_embed_gemm_bwd_kernel"])
+
+
+def test_uint8_images_save_image_bytes_on_meta():
+    """The counted step: a uint8 image moves 1 byte a pixel where an fp32 one moves 4, in the two
+    regions that read it (the encoder input's gather, the loss's target), and nothing else."""
+    from functools import partial
+    from mae_fast.model import MaskedAutoencoderViT
+    arch = partial(MaskedAutoencoderViT, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                   decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    counts = accounting.uint8_image_bytes(arch, batch=4, precision="amp-bf16")
+    N, C, P, L, K = 4, 3, 8 * 8 * 3, 16, 4
+    kept_pixels, removed_pixels = N * K * P, N * (L - K) * P
+    stats = 2 * C * 4
+    f, u = counts["float"], counts["uint8"]
+    assert f["encoder input"] - u["encoder input"] == kept_pixels * 3 - stats
+    # the loss reads the removed patches' pixels in its forward and its backward
+    assert f["loss"] - u["loss"] == 2 * (removed_pixels * 3 - stats)
+
+
 def test_masked_loss_charge_on_meta_uses_the_mask_ratio():
     """On meta the mask's values are unknown: the counter's mask ratio says how many patches the
     kernels read (N * (L - len_keep))."""

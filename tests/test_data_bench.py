@@ -22,12 +22,29 @@ def _rows(out):
 
 
 def test_bench_data_builtin_two_worker_counts(capsys):
-    assert cli.main(["bench-data", *SMALL, "--builtin-size", "16", "--num-workers", "0,1"]) == 0
+    assert cli.main(["bench-data", *SMALL, "--builtin-size", "16", "--num-workers", "0,1", "--decode", "pil"]) == 0
     out = capsys.readouterr().out
     assert "built-in" in out
     rows = _rows(out)
-    assert sorted(rows) == [("in-memory", 0), ("in-memory", 1)]  # the photos are decoded once
+    assert sorted(rows) == [("pil", 0), ("pil", 1)]
     assert all(img_s > 0 and dtype == "float32" and bad == 0 for img_s, dtype, bad in rows.values())
+
+
+def test_bench_data_uint8_and_float_batches(capsys):
+    assert cli.main(["bench-data", *SMALL, "--builtin-size", "16", "--input-dtype", "float,uint8"]) == 0
+    out = capsys.readouterr().out
+    dtypes = [line.split()[4] for line in out.splitlines() if re.fullmatch(r"\s*[\w-]+\s+0\s+[\d.].*", line)]
+    assert dtypes == ["float32", "uint8"]
+    assert "KiB/img" in out and "float batches" in out and "uint8 batches" in out
+
+
+def test_bench_data_on_tar_shards(tmp_path, capsys):
+    from test_data_shards import write_shards
+    spec = write_shards(tmp_path, n_shards=2)
+    assert cli.main(["bench-data", *SMALL, "--data-path", spec, "--decode", "pil"]) == 0
+    out = capsys.readouterr().out
+    assert "tar shards" in out and "2 shard(s), 8 images" in out
+    assert list(_rows(out)) == [("pil", 0)]
 
 
 def test_bench_data_image_folder_counts_bad_files(tmp_path, capsys):
@@ -49,7 +66,9 @@ def test_bench_data_image_folder_counts_bad_files(tmp_path, capsys):
     (["--batch-size", "64", "--builtin-size", "16"], "no full batch of 64"),
     (["--batches", "0"], "--batches must be > 0"),
     (["--data-path", "/no/such/folder"], "does not exist"),
-    (["--decode", "pil-draft"], "--decode applies to an ImageFolder"),
+    (["--decode", "nvjpeg"], "decode mode 'nvjpeg'"),
+    (["--input-dtype", "half"], "--input-dtype 'half'"),
+    (["--data-path", "/no/such/shards-{0..3}.tar"], "4 of 4 shard(s) do not exist"),
 ])
 def test_bench_data_bad_arguments(capsys, args, message):
     assert cli.main(["bench-data", *SMALL, *args]) == 2

@@ -93,6 +93,7 @@ def test_mask_ratio_zero_is_nan_like_the_reference(norm_pix, device):
     assert torch.isnan(_fast(imgs, pred, mask, 4, norm_pix))
 
 
+@pytest.mark.slow  # many random cases: the main lane only (`make test-compat` deselects it)
 def test_fuzz_against_reference():
     """200 seeded random cases: patch, channels, grid, batch, ratio, dtype, layout, norm_pix,
     non-binary mask weights, a strided pred; loss, grad_pred and grad_imgs."""

@@ -99,6 +99,7 @@ def test_gather_backward_scatters_bit_exact(dtype, channels_last, device):
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+@pytest.mark.slow  # many random cases: the main lane only (`make test-compat` deselects it)
 def test_gather_fuzz_bit_exact():
     """200 seeded random cases: patch, channels, grid, batch, keep count, dtype, layout,
     int32/int64 indices; forward gather and backward scatter both bit-exact."""
@@ -124,6 +125,7 @@ def test_gather_fuzz_bit_exact():
         assert torch.equal(g_got, g_want), f"backward case {case}"
 
 
+@pytest.mark.slow  # many random cases: the main lane only (`make test-compat` deselects it)
 def test_add_pos_cls_fuzz_matches_torch():
     rng = random.Random(99)
     for case in range(200):

@@ -247,6 +247,7 @@ def test_torch_compile_fullgraph_backward(mode, monkeypatch, device):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow  # many random cases: the main lane only (`make test-compat` deselects it)
 def test_backward_ops_fuzz_against_float64():
     """200 seeded random cases per backward op: patch, channels, grid (with a leftover row that
     Conv2d drops), batch, keep count (0 included), D, compute dtype, image layout, int32/int64

@@ -66,7 +66,8 @@ def launches():
     the variants real launches compile: the other constexpr branches (no norm_pix_loss), patch
     14 (ViT-H/14: gather, loss forward and backward, the GEMM forward and backward), the
     official ``pred[:, 1:, :]`` slice (not 16-byte aligned at patch 14 in bf16), fp32
-    activations (no autocast) and the fp32 GEMM."""
+    activations (no autocast), the fp32 GEMM, and uint8 images normalised in the gather, the
+    loss and the GEMM's prologues (NCHW / NHWC, fp32 / bf16 normalised pixels, patch 16 / 14)."""
     import torch
     from mae_fast.kernels import masked_loss, patch_embed_gemm, patch_gather
 
@@ -95,6 +96,10 @@ def launches():
     weight14 = torch.empty(D, C, 14, 14, device=meta)
     pos_embed14 = torch.empty(1, 1 + L14, D, device=meta)
     grad_tokens14 = torch.empty(N, 1 + L14 // 4, D, device=meta)
+    # uint8 images, normalised inside the gather / the loss's target load (issue 15)
+    imgs_u8 = torch.empty(N, C, H, W, dtype=torch.uint8, device=meta)
+    imgs_u8_nhwc = imgs_u8.to(memory_format=torch.channels_last)
+    pixel_norm = torch.empty(2, C, device=meta)  # mean row, std row
 
     calls = [
         ("gather nchw", patch_gather, lambda: patch_gather.gather_patches(imgs, ids_keep, p)),
@@ -141,6 +146,37 @@ def launches():
             imgs, pred14_fp32, mask14, 14, True, torch.float32)),
         ("loss bwd normpix+imgs p14 fp32 pred[:, 1:]", masked_loss, lambda: masked_loss.masked_loss_bwd(
             grad_loss, imgs, pred14_fp32, mask14, mask_sum, 14, True, True)),
+        # uint8 images (fp32 model / autocast: fp32 patches; a bf16 model: bf16 patches)
+        ("gather u8 nchw", patch_gather, lambda: patch_gather.gather_patches_normalized(
+            imgs_u8, ids_keep, p, pixel_norm, torch.float32)),
+        ("gather u8 nhwc bf16", patch_gather, lambda: patch_gather.gather_patches_normalized(
+            imgs_u8_nhwc, ids_keep, p, pixel_norm, torch.bfloat16)),
+        ("gather u8 nchw p14", patch_gather, lambda: patch_gather.gather_patches_normalized(
+            imgs_u8, ids_keep14, 14, pixel_norm, torch.float32)),
+        ("loss fwd u8 normpix", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs_u8, pred, mask, p, True, torch.float32, pixel_norm, torch.float32)),
+        ("loss bwd u8 normpix", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs_u8, pred, mask, mask_sum, p, True, False, pixel_norm, torch.float32)),
+        ("loss fwd u8 pix nhwc", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs_u8_nhwc, pred, mask, p, False, torch.float32, pixel_norm, torch.float32)),
+        ("loss bwd u8 normpix nhwc bf16", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs_u8_nhwc, pred, mask, mask_sum, p, True, False, pixel_norm, torch.bfloat16)),
+        ("loss fwd u8 normpix p14 pred[:, 1:] (8-B aligned)", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs_u8, pred14_slice, mask14, 14, True, torch.float32, pixel_norm, torch.float32)),
+        ("loss bwd u8 normpix p14 pred[:, 1:] (8-B aligned)", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs_u8, pred14_slice, mask14, mask_sum, 14, True, False, pixel_norm, torch.float32)),
+        ("gemm u8 bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
+            imgs_u8, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32,
+            pixel_norm, torch.float32)),
+        ("gemm u8 fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
+            imgs_u8, weight14, bias, pos_embed14, cls_token, ids_keep14, torch.float32, torch.float32,
+            pixel_norm, torch.float32)),
+        ("gemm bwd u8 bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
+            grad_tokens, imgs_u8, ids_keep, weight.shape, torch.bfloat16, torch.float32, torch.float32,
+            torch.float32, pixel_norm, torch.float32)),
+        ("gemm bwd u8 fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
+            grad_tokens14, imgs_u8, ids_keep14, weight14.shape, torch.float32, torch.float32,
+            torch.float32, torch.float32, pixel_norm, torch.float32)),
         ("gemm bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
             imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32)),
         ("gemm fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
@@ -161,7 +197,8 @@ def launches():
         ("gemm bwd fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
             grad_tokens14, imgs, ids_keep14, weight14.shape, torch.float32, torch.float32,
             torch.float32, torch.float32)),
-    ] + _add_layer_norm_calls(N)
+    ]
+    calls += mlp_calls() + _add_layer_norm_calls(N)
     out, seen = [], set()
     for label, module, call in calls:
         sink = []
@@ -224,6 +261,37 @@ def _add_layer_norm_calls(N):
         bwd("add+LN bwd bf16 D1280", enc, 1280, bf16, bf16, bf16),
         bwd("add+LN bwd fp32 D4096 (max)", enc, MAX_WIDTH, fp32, fp32, fp32),
     ]
+
+
+# the opt-in MLP GEMMs (MAE_FAST_MLP=gemm): (embed dim, MLP hidden dim, token rows at batch 256)
+# of the ViT-B/16, ViT-L/16, ViT-H/14 encoders and the decoder (512 / 2048, 197 tokens)
+MLP_WIDTHS = {"ViT-B/16": (768, 3072, 256 * 50), "ViT-L/16": (1024, 4096, 256 * 50),
+              "ViT-H/14": (1280, 5120, 256 * 65), "decoder": (512, 2048, 256 * 197)}
+
+
+def mlp_calls():
+    """Every launch of kernels/mlp_gemm.py at every MLP width, in bf16, fp16 (autocast or pure
+    low precision) and fp32: fc1 + GELU (forward), fc2's grad-input GEMM with GELU', and the
+    weight-gradient GEMM with the bias sums (fc2's: G = dy, X = act; fc1's: G = d(pre), X = x).
+    The widths are all multiples of 16, so they specialise alike and `launches` keeps the first
+    of each (tests/test_mlp_gemm.py checks this)."""
+    import torch
+    from mae_fast.kernels import mlp_gemm
+
+    meta = torch.device("meta")
+    calls = []
+    for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+        for model, (C, H, M) in MLP_WIDTHS.items():
+            t = lambda *shape: torch.empty(*shape, dtype=dtype, device=meta)  # noqa: E731
+            x, w1, b1, w2, pre = t(M, C), t(H, C), t(H), t(C, H), t(M, H)
+            calls += [
+                (f"mlp fc1+GELU {tag}", mlp_gemm, lambda x=x, w1=w1, b1=b1: mlp_gemm.fc1_gelu(x, w1, b1)),
+                (f"mlp fc2 dgrad*GELU' {tag}", mlp_gemm,
+                 lambda x=x, w2=w2, pre=pre: mlp_gemm.fc2_gelu_grad(x, w2, pre)),
+                (f"mlp wgrad+bias {tag}", mlp_gemm, lambda x=x, pre=pre: mlp_gemm.linear_weight_grad(x, pre)),
+                (f"mlp wgrad+bias {tag}", mlp_gemm, lambda x=x, pre=pre: mlp_gemm.linear_weight_grad(pre, x)),
+            ]
+    return calls
 
 
 def _specialisation(a):

@@ -4,6 +4,7 @@ from .. import attention as _attention  # noqa: F401  (registers the attention c
 from .layernorm import add_layer_norm, add_norm
 from .loss import masked_loss
 from .masking import masking_indices
+from . import mlp as _mlp  # noqa: F401  (registers the opt-in MLP GEMM chooser)
 from .patch_embed import patch_embed_masked
 from .unshuffle import unshuffle
 

@@ -13,21 +13,22 @@ loss's gradient w.r.t. the mask weights is not written in Triton), and, with
 Difference from the reference, by design: patches with mask == 0 are never read, so a NaN/Inf
 in a kept patch's prediction does not reach the loss (the reference's ``0 * nan`` would).
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
 from ..backends import choose, register_fast, triton_probe
-from .patch_embed import FAST_DTYPES, check_same_device, fast_dtypes_ok
+from .patch_embed import FAST_DTYPES, check_pixel_norm, check_same_device, fast_dtypes_ok, float_pixels
 
 OP = "masked_loss"
 register_fast(OP, "triton", triton_probe)
 
 
-def _loss_dtype(imgs, pred, mask) -> torch.dtype:
-    """The reference's result dtype: ((pred - target)**2).mean(-1) * mask, summed."""
-    return torch.promote_types(torch.promote_types(pred.dtype, imgs.dtype), mask.dtype)
+def _loss_dtype(imgs, pred, mask, pixel_dtype=None) -> torch.dtype:
+    """The reference's result dtype: ((pred - target)**2).mean(-1) * mask, summed (a uint8
+    image's target has the normalised image's dtype, pixel_dtype)."""
+    return torch.promote_types(torch.promote_types(pred.dtype, pixel_dtype or imgs.dtype), mask.dtype)
 
 
 def _require_triton(device: torch.device) -> None:
@@ -39,57 +40,64 @@ def _require_triton(device: torch.device) -> None:
 
 @torch.library.custom_op("mae_fast::masked_loss", mutates_args=())
 def masked_loss_op(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
-                   norm_pix_loss: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """imgs (N, C, H, W); pred (N, L, C*p*p); mask (N, L) -> (loss (), mask_sum () fp32)."""
+                   norm_pix_loss: bool, pixel_norm: Optional[torch.Tensor] = None,
+                   pixel_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """imgs (N, C, H, W); pred (N, L, C*p*p); mask (N, L) -> (loss (), mask_sum () fp32).
+    uint8 imgs: pixel_norm (2, C) fp32 (mean, std rows) and pixel_dtype; the kernels build the
+    target from ``(x / 255 - mean[c]) / std[c]`` rounded to pixel_dtype, in registers."""
     _require_triton(imgs.device)
     from ..kernels import masked_loss as kernels
     return kernels.masked_loss_fwd(imgs, pred, mask, patch_size, norm_pix_loss,
-                                   _loss_dtype(imgs, pred, mask))
+                                   _loss_dtype(imgs, pred, mask, pixel_dtype), pixel_norm, pixel_dtype)
 
 
 @masked_loss_op.register_fake
-def _(imgs, pred, mask, patch_size, norm_pix_loss):
-    return (pred.new_empty((), dtype=_loss_dtype(imgs, pred, mask)),
+def _(imgs, pred, mask, patch_size, norm_pix_loss, pixel_norm=None, pixel_dtype=None):
+    return (pred.new_empty((), dtype=_loss_dtype(imgs, pred, mask, pixel_dtype)),
             pred.new_empty((), dtype=torch.float32))
 
 
 @torch.library.custom_op("mae_fast::masked_loss_backward", mutates_args=())
 def masked_loss_backward(grad_loss: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor,
                          mask: torch.Tensor, mask_sum: torch.Tensor, patch_size: int,
-                         norm_pix_loss: bool, grad_imgs_wanted: bool
+                         norm_pix_loss: bool, grad_imgs_wanted: bool,
+                         pixel_norm: Optional[torch.Tensor] = None,
+                         pixel_dtype: Optional[torch.dtype] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_pred like pred, grad_imgs like imgs, or an empty tensor if not wanted)."""
     _require_triton(imgs.device)
     from ..kernels import masked_loss as kernels
     grad_pred, grad_imgs = kernels.masked_loss_bwd(grad_loss, imgs, pred, mask, mask_sum,
-                                                   patch_size, norm_pix_loss, grad_imgs_wanted)
+                                                   patch_size, norm_pix_loss, grad_imgs_wanted,
+                                                   pixel_norm, pixel_dtype)
     return grad_pred, (grad_imgs if grad_imgs_wanted else imgs.new_empty(0))
 
 
 @masked_loss_backward.register_fake
-def _(grad_loss, imgs, pred, mask, mask_sum, patch_size, norm_pix_loss, grad_imgs_wanted):
+def _(grad_loss, imgs, pred, mask, mask_sum, patch_size, norm_pix_loss, grad_imgs_wanted,
+      pixel_norm=None, pixel_dtype=None):
     grad_imgs = torch.empty_like(imgs) if grad_imgs_wanted else imgs.new_empty(0)
     return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device), grad_imgs
 
 
 def _setup(ctx, inputs, output):
-    imgs, pred, mask, patch_size, norm_pix_loss = inputs
-    ctx.save_for_backward(imgs, pred, mask, output[1])
-    ctx.patch_size, ctx.norm_pix_loss = patch_size, norm_pix_loss
+    imgs, pred, mask, patch_size, norm_pix_loss, pixel_norm, pixel_dtype = inputs
+    ctx.save_for_backward(imgs, pred, mask, output[1], pixel_norm)
+    ctx.patch_size, ctx.norm_pix_loss, ctx.pixel_dtype = patch_size, norm_pix_loss, pixel_dtype
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zeros() launched for mask_sum's (absent) gradient
 
 
 def _backward(ctx, grad_loss, _grad_mask_sum):
     if grad_loss is None:
-        return None, None, None, None, None
-    imgs, pred, mask, mask_sum = ctx.saved_tensors
+        return None, None, None, None, None, None, None
+    imgs, pred, mask, mask_sum, pixel_norm = ctx.saved_tensors
     grad_imgs_wanted = ctx.needs_input_grad[0]
     grad_pred, grad_imgs = masked_loss_backward(grad_loss, imgs, pred, mask, mask_sum,
                                                 ctx.patch_size, ctx.norm_pix_loss,
-                                                grad_imgs_wanted)
+                                                grad_imgs_wanted, pixel_norm, ctx.pixel_dtype)
     return (grad_imgs if grad_imgs_wanted else None,
-            grad_pred if ctx.needs_input_grad[1] else None, None, None, None)
+            grad_pred if ctx.needs_input_grad[1] else None, None, None, None, None, None)
 
 
 masked_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -112,17 +120,27 @@ def _check_inputs(imgs, pred, mask, patch_size: int) -> None:
         raise TypeError(f"mask must be a float tensor (1 = removed), got {mask.dtype}")
 
 
-def masked_loss(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, *, backend="auto"):
-    """imgs (N, C, H, W); pred (N, L, p*p*C); mask (N, L), 1 = removed -> scalar."""
+def masked_loss(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, *, backend="auto",
+                pixel_norm=None, pixel_dtype=None):
+    """imgs (N, C, H, W); pred (N, L, p*p*C); mask (N, L), 1 = removed -> scalar.
+
+    uint8 imgs: ``pixel_norm`` (2, C) fp32 (mean, std rows) and ``pixel_dtype`` say which float
+    image they stand for (``reference.normalize_pixels``); the loss equals that image's. The
+    fast path normalises the removed patches' pixels in registers (no float image)."""
+    check_pixel_norm(imgs, pixel_norm, pixel_dtype)
     choice = choose(OP, imgs.device, backend)
     if choice.impl == "reference" or mask.requires_grad:
         # mask.requires_grad: explicit fallback, the Triton backward has no grad_mask
-        return reference.masked_loss(imgs, pred, mask, patch_size, norm_pix_loss)
-    if not fast_dtypes_ok(imgs, pred, mask):
+        return reference.masked_loss(float_pixels(imgs, pixel_norm, pixel_dtype), pred, mask,
+                                     patch_size, norm_pix_loss)
+    pixels_dtype = pixel_dtype or imgs.dtype  # a uint8 image's: the float image it stands for
+    if pixels_dtype not in FAST_DTYPES or not fast_dtypes_ok(pred, mask):
         if backend == "fast":
             raise TypeError(f"backend='fast': {OP} supports imgs, pred and mask in {FAST_DTYPES}, "
-                            f"got {imgs.dtype}, {pred.dtype}, {mask.dtype}")
-        return reference.masked_loss(imgs, pred, mask, patch_size, norm_pix_loss)
+                            f"got {pixels_dtype}, {pred.dtype}, {mask.dtype}")
+        return reference.masked_loss(float_pixels(imgs, pixel_norm, pixel_dtype), pred, mask,
+                                     patch_size, norm_pix_loss)
     _check_inputs(imgs, pred, mask, patch_size)
-    loss, _mask_sum = masked_loss_op(imgs, pred, mask, patch_size, norm_pix_loss)
+    loss, _mask_sum = masked_loss_op(imgs, pred, mask, patch_size, norm_pix_loss, pixel_norm,
+                                     pixel_dtype)
     return loss

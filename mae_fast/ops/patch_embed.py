@@ -72,6 +72,35 @@ def _(imgs, ids_keep, patch_size):
     return imgs.new_empty((N, ids_keep.shape[1], C * patch_size * patch_size))
 
 
+@torch.library.custom_op("mae_fast::gather_patches_normalized", mutates_args=())
+def gather_patches_normalized(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
+                              pixel_norm: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """uint8 imgs (N, C, H, W); ids_keep (N, K); pixel_norm (2, C) fp32 (mean, std rows) ->
+    patches (N, K, C*p*p) in out_dtype, (c, p, q) order: ``(x / 255 - mean[c]) / std[c]`` in
+    fp32, rounded once to out_dtype. Equal to ``gather_patches`` on
+    ``reference.normalize_pixels(imgs, pixel_norm, out_dtype)``, without that float image: the
+    kernel reads the kept uint8 pixels and normalises them in registers. No autograd: uint8
+    images take no gradient and the statistics are constants (the public op checks)."""
+    N, C, H, W = imgs.shape
+    check_ids(ids_keep, (H // patch_size) * (W // patch_size), "ids_keep")
+    if _triton_runs(imgs.device):
+        from ..kernels import patch_gather
+        return patch_gather.gather_patches_normalized(imgs, ids_keep, patch_size, pixel_norm,
+                                                      out_dtype)
+    p = patch_size
+    rows = _patch_rows(imgs, p)  # (N, L, C*p*p) uint8
+    kept = torch.gather(rows, 1, ids_keep.long().unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
+    # the kept patches as (N*K, C, p, p) images: the reference's per-channel math on them only
+    return reference.normalize_pixels(kept.reshape(-1, C, p, p), pixel_norm, out_dtype) \
+        .reshape(N, ids_keep.shape[1], C * p * p)
+
+
+@gather_patches_normalized.register_fake
+def _(imgs, ids_keep, patch_size, pixel_norm, out_dtype):
+    N, C = imgs.shape[:2]
+    return imgs.new_empty((N, ids_keep.shape[1], C * patch_size * patch_size), dtype=out_dtype)
+
+
 @torch.library.custom_op("mae_fast::scatter_patches", mutates_args=())
 def scatter_patches(grad_patches: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
                     height: int, width: int, channels_last: bool) -> torch.Tensor:
@@ -219,25 +248,35 @@ def _gemm_out_dtype(compute_dtype, pos_embed, cls_token) -> torch.dtype:
 @torch.library.custom_op("mae_fast::patch_embed_gemm", mutates_args=())
 def patch_embed_gemm(imgs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      pos_embed: torch.Tensor, cls_token: torch.Tensor, ids_keep: torch.Tensor,
-                     compute_dtype: torch.dtype) -> torch.Tensor:
+                     compute_dtype: torch.dtype, pixel_norm: Optional[torch.Tensor] = None,
+                     pixel_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """One kernel: gather of kept patches (prologue) -> GEMM with the flattened Conv2d weight
     in ``compute_dtype`` (fp32 accumulation) -> + bias + pos rows, cls row (epilogue).
-    -> tokens (N, 1+K, D)."""
+    -> tokens (N, 1+K, D). uint8 imgs: ``pixel_norm`` (2, C) fp32 and ``pixel_dtype`` (see
+    gather_patches_normalized); the prologue normalises the pixels it loads."""
     p = weight.shape[-1]
     check_ids(ids_keep, (imgs.shape[2] // p) * (imgs.shape[3] // p), "ids_keep")
     out_dtype = _gemm_out_dtype(compute_dtype, pos_embed, cls_token)
     if _triton_runs(imgs.device):
         from ..kernels import patch_embed_gemm as kernels
         return kernels.patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep,
-                                        compute_dtype, out_dtype)
-    x = F.linear(gather_patches(imgs, ids_keep, p).to(compute_dtype),
+                                        compute_dtype, out_dtype, pixel_norm, pixel_dtype)
+    x = F.linear(_kept_patches(imgs, ids_keep, p, pixel_norm, pixel_dtype).to(compute_dtype),
                  weight.reshape(weight.shape[0], -1).to(compute_dtype),
                  None if bias is None else bias.to(compute_dtype))
     return add_pos_cls(x, pos_embed, cls_token, ids_keep).to(out_dtype)
 
 
+def _kept_patches(imgs, ids_keep, p, pixel_norm, pixel_dtype):
+    """(N, K, C*p*p) kept patches of a float image, or normalised ones of a uint8 image."""
+    if pixel_norm is None:
+        return gather_patches(imgs, ids_keep, p)
+    return gather_patches_normalized(imgs, ids_keep, p, pixel_norm, pixel_dtype)
+
+
 @patch_embed_gemm.register_fake
-def _(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype):
+def _(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype, pixel_norm=None,
+      pixel_dtype=None):
     return imgs.new_empty((imgs.shape[0], 1 + ids_keep.shape[1], weight.shape[0]),
                           dtype=_gemm_out_dtype(compute_dtype, pos_embed, cls_token))
 
@@ -246,7 +285,9 @@ def _(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype):
 def patch_embed_gemm_backward(grad_out: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor,
                               weight_shape: List[int], compute_dtype: torch.dtype,
                               weight_dtype: torch.dtype, bias_dtype: torch.dtype,
-                              cls_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              cls_dtype: torch.dtype, pixel_norm: Optional[torch.Tensor] = None,
+                              pixel_dtype: Optional[torch.dtype] = None
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """patch_embed_gemm's parameter gradients in one op: grad_out (N, 1+K, D) ->
     grad_weight (D, C, p, p) = grad_tokens^T @ patches (the kept patches read straight from
     imgs, not saved), grad_bias (D,) = column sums of grad_tokens, grad_cls (1, 1, D) = batch
@@ -255,10 +296,11 @@ def patch_embed_gemm_backward(grad_out: torch.Tensor, imgs: torch.Tensor, ids_ke
     if _triton_runs(grad_out.device):
         from ..kernels import patch_embed_gemm as kernels
         return kernels.patch_embed_gemm_backward(grad_out, imgs, ids_keep, weight_shape,
-                                                 compute_dtype, weight_dtype, bias_dtype, cls_dtype)
+                                                 compute_dtype, weight_dtype, bias_dtype, cls_dtype,
+                                                 pixel_norm, pixel_dtype)
     D, p = weight_shape[0], weight_shape[-1]
     grad_tokens = grad_out[:, 1:].to(compute_dtype)  # (N, K, D)
-    patches = gather_patches(imgs, ids_keep, p).to(compute_dtype)  # (N, K, C*p*p)
+    patches = _kept_patches(imgs, ids_keep, p, pixel_norm, pixel_dtype).to(compute_dtype)  # (N, K, C*p*p)
     grad_weight = grad_tokens.reshape(-1, D).t() @ patches.reshape(-1, patches.shape[-1])
     grad_bias = grad_tokens.sum((0, 1), dtype=torch.float32)
     grad_cls = grad_out[:, :1].sum(0, keepdim=True, dtype=torch.float32)
@@ -267,15 +309,17 @@ def patch_embed_gemm_backward(grad_out: torch.Tensor, imgs: torch.Tensor, ids_ke
 
 
 @patch_embed_gemm_backward.register_fake
-def _(grad_out, imgs, ids_keep, weight_shape, compute_dtype, weight_dtype, bias_dtype, cls_dtype):
+def _(grad_out, imgs, ids_keep, weight_shape, compute_dtype, weight_dtype, bias_dtype, cls_dtype,
+      pixel_norm=None, pixel_dtype=None):
     D = weight_shape[0]
     return (grad_out.new_empty(tuple(weight_shape), dtype=weight_dtype),
             grad_out.new_empty((D,), dtype=bias_dtype), grad_out.new_empty((1, 1, D), dtype=cls_dtype))
 
 
 def _gemm_setup(ctx, inputs, output):
-    imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype = inputs
-    ctx.save_for_backward(imgs, weight if ctx.needs_input_grad[0] else None, ids_keep)
+    imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype, pixel_norm, pixel_dtype = inputs
+    ctx.save_for_backward(imgs, weight if ctx.needs_input_grad[0] else None, ids_keep, pixel_norm)
+    ctx.pixel_dtype = pixel_dtype  # uint8 imgs (saved as uint8: a quarter of an fp32 image)
     ctx.imgs_meta = (imgs.shape, imgs.dtype, imgs.dim() == 4 and not imgs.is_contiguous()
                      and imgs.is_contiguous(memory_format=torch.channels_last))
     ctx.weight_meta = (list(weight.shape), weight.dtype)
@@ -288,7 +332,7 @@ def _gemm_backward(ctx, grad_out):
     """grad_out (N, 1+K, D). Weight, bias and cls gradients: one op (patch_embed_gemm_backward,
     one Triton kernel). grad_imgs (rare: images seldom require grad): a matmul in the compute
     dtype + scatter_patches; grad_pos (frozen in MAE): the split path's torch code."""
-    imgs, weight, ids_keep = ctx.saved_tensors
+    imgs, weight, ids_keep, pixel_norm = ctx.saved_tensors
     imgs_shape, imgs_dtype, channels_last = ctx.imgs_meta
     weight_shape, weight_dtype = ctx.weight_meta
     bias_dtype, pos_dtype, cls_dtype = ctx.dtypes
@@ -303,12 +347,12 @@ def _gemm_backward(ctx, grad_out):
     if any(ctx.needs_input_grad[i] for i in (1, 2, 4)):
         grad_weight, grad_bias, grad_cls = patch_embed_gemm_backward(
             grad_out, imgs, ids_keep, weight_shape, compute_dtype, weight_dtype,
-            bias_dtype or weight_dtype, cls_dtype)
+            bias_dtype or weight_dtype, cls_dtype, pixel_norm, ctx.pixel_dtype)
     grad_pos, _ = _pos_cls_grads(grad_out, ids_keep, ctx.pos_shape, pos_dtype, cls_dtype,
                                  ctx.needs_input_grad[3], False)
     keep = lambda i, g: g if ctx.needs_input_grad[i] else None  # noqa: E731
     return (grad_imgs, keep(1, grad_weight), keep(2, grad_bias), grad_pos, keep(4, grad_cls),
-            None, None)
+            None, None, None, None)
 
 
 patch_embed_gemm.register_autograd(_gemm_backward, setup_context=_gemm_setup)
@@ -361,27 +405,74 @@ def fast_dtypes_ok(*tensors) -> bool:
     return all(t.dtype in FAST_DTYPES for t in tensors)
 
 
-def patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, *, backend="auto"):
+# ---- uint8 images: normalisation fused into the image reads ------------------------------
+
+def check_pixel_norm(imgs, pixel_norm, pixel_dtype) -> None:
+    """uint8 imgs need ``pixel_norm`` (2, C) fp32 (mean row, std row, no grad, imgs' device)
+    and ``pixel_dtype``, the float dtype the normalised image stands for; float imgs take
+    neither. Anything else -> a clear error."""
+    if imgs.dtype != torch.uint8:
+        if pixel_norm is not None or pixel_dtype is not None:
+            raise TypeError(f"pixel_norm / pixel_dtype apply to uint8 images only, got {imgs.dtype}")
+        if not imgs.is_floating_point():
+            raise TypeError(f"imgs must be floating point, or uint8 with pixel_norm, got {imgs.dtype}")
+        return
+    if pixel_norm is None or pixel_dtype is None:
+        raise TypeError("uint8 imgs need pixel_norm (2, C) fp32 (mean, std) and pixel_dtype")
+    C = imgs.shape[1] if imgs.dim() == 4 else None
+    if pixel_norm.dtype != torch.float32 or tuple(pixel_norm.shape) != (2, C):
+        raise ValueError(f"pixel_norm must be (2, {C}) float32 (mean row, std row), got "
+                         f"{tuple(pixel_norm.shape)} {pixel_norm.dtype}")
+    if pixel_norm.requires_grad:
+        raise ValueError("pixel_norm is a constant of the input pipeline: it takes no gradient")
+    if not (isinstance(pixel_dtype, torch.dtype) and pixel_dtype.is_floating_point):
+        raise TypeError(f"pixel_dtype must be a floating-point dtype, got {pixel_dtype!r}")
+    check_same_device(imgs=imgs, pixel_norm=pixel_norm)
+
+
+def float_pixels(imgs, pixel_norm, pixel_dtype):
+    """The float image a uint8 ``imgs`` stands for (the reference paths normalise first and run
+    the float code); float ``imgs`` unchanged."""
+    if imgs.dtype != torch.uint8:
+        return imgs
+    return reference.normalize_pixels(imgs, pixel_norm, pixel_dtype)
+
+
+def patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep, *, backend="auto",
+                       pixel_norm=None, pixel_dtype=None):
     """imgs (N, C, H, W); weight (D, C, p, p); bias (D,); pos_embed (1, 1+L, D);
-    cls_token (1, 1, D); ids_keep (N, K) -> encoder tokens (N, 1+K, D)."""
+    cls_token (1, 1, D); ids_keep (N, K) -> encoder tokens (N, 1+K, D).
+
+    uint8 imgs: ``pixel_norm`` (2, C) fp32 (mean, std rows) and ``pixel_dtype`` say which float
+    image they stand for, ``reference.normalize_pixels(imgs, pixel_norm, pixel_dtype)``; the
+    result equals that image's. The fast path normalises the kept pixels inside the gather (no
+    float image); the reference normalises the image first."""
+    check_pixel_norm(imgs, pixel_norm, pixel_dtype)
     choice = choose(OP, imgs.device, backend)
     if choice.impl == "reference":
-        return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
+        return reference.patch_embed_masked(float_pixels(imgs, pixel_norm, pixel_dtype), weight,
+                                            bias, pos_embed, cls_token, ids_keep)
     # the kernels compute in fp32 at most: a float64 image, weight, table or token runs the
     # reference rather than losing precision silently
-    if not fast_dtypes_ok(imgs, weight, pos_embed, cls_token):
+    pixels_dtype = pixel_dtype or imgs.dtype  # a uint8 image's: the float image it stands for
+    if pixels_dtype not in FAST_DTYPES or not fast_dtypes_ok(weight, pos_embed, cls_token):
         if backend == "fast":
             raise TypeError(f"backend='fast': {OP} supports imgs, weight, pos_embed and cls_token in "
-                            f"{FAST_DTYPES}, got {imgs.dtype}, {weight.dtype}, {pos_embed.dtype}, "
+                            f"{FAST_DTYPES}, got {pixels_dtype}, {weight.dtype}, {pos_embed.dtype}, "
                             f"{cls_token.dtype}")
-        return reference.patch_embed_masked(imgs, weight, bias, pos_embed, cls_token, ids_keep)
+        return reference.patch_embed_masked(float_pixels(imgs, pixel_norm, pixel_dtype), weight,
+                                            bias, pos_embed, cls_token, ids_keep)
     p, _ = _check_inputs(imgs, weight, bias, pos_embed, cls_token, ids_keep)
     if _use_gemm_kernel():
         if imgs.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(imgs.device.type):
             compute_dtype = torch.get_autocast_dtype(imgs.device.type)
         else:
-            compute_dtype = torch.promote_types(imgs.dtype, weight.dtype)
-        return patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype)
-    patches = gather_patches(imgs, ids_keep, p)  # (N, K, C*p*p)
+            compute_dtype = torch.promote_types(pixels_dtype, weight.dtype)
+        return patch_embed_gemm(imgs, weight, bias, pos_embed, cls_token, ids_keep, compute_dtype,
+                                pixel_norm, pixel_dtype)
+    if pixel_norm is None:
+        patches = gather_patches(imgs, ids_keep, p)  # (N, K, C*p*p)
+    else:
+        patches = gather_patches_normalized(imgs, ids_keep, p, pixel_norm, pixel_dtype)
     x = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)  # (N, K, D)
     return add_pos_cls(x, pos_embed, cls_token, ids_keep)  # (N, 1+K, D)

@@ -17,19 +17,32 @@ import sys
 import torch
 
 from .seeds import sample_seed
-from ..data import BuiltinImages, DataError, ImageFolder, stack
+from ..data import BuiltinImages, DataError, GpuJpeg, ImageFolder, decode_gpu_batch, stack
+from ..shards import TarShards, is_shard_spec
 
 
-def build_dataset(args):
-    """(dataset, one-line description) for --data-path or the built-in images."""
+def build_dataset(args, device=None):
+    """(dataset, one-line description) for --data-path (an ImageFolder tree, or WebDataset tar shards
+    ``*.tar`` / ``shards-{000..099}.tar``) or the built-in images. ``device``: the run's device
+    (``--decode gpu`` decodes there when it is a CUDA GPU)."""
+    decode = getattr(args, "decode", "auto")
+    output = getattr(args, "input_dtype", "float")
+    scale = (args.min_crop_scale, 1.0)
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if args.data_path is not None and is_shard_spec(args.data_path):
+        dataset = TarShards(args.data_path, args.input_size, scale, decode, output, cuda)
+        skipped = f", {dataset.skipped} samples without an image skipped" if dataset.skipped else ""
+        return dataset, (f"tar shards {dataset.root}: {len(dataset.shards)} shard(s), {len(dataset)} images, "
+                         f"labels from .cls{skipped}; decode {dataset.decode} ({dataset.decode_why}), "
+                         f"{output} batches")
     if args.data_path is not None:
-        dataset = ImageFolder(args.data_path, args.input_size, (args.min_crop_scale, 1.0),
-                              decode=getattr(args, "decode", "pil"))
+        dataset = ImageFolder(args.data_path, args.input_size, scale, decode, output, cuda)
         return dataset, (f"ImageFolder {dataset.root}: {len(dataset)} images, {len(dataset.classes)} classes, "
-                         f"decode {dataset.decode}")
-    dataset = BuiltinImages(args.input_size, args.builtin_size, (args.min_crop_scale, 1.0))
+                         f"decode {dataset.decode} ({dataset.decode_why}), {output} batches")
+    dataset = BuiltinImages(args.input_size, args.builtin_size, scale, decode, output)
     return dataset, (f"built-in: {len(dataset.photo_names)} scikit-image photos + {len(dataset.faces)} "
-                     f"LFW-subset images, random crops, {len(dataset)} samples/epoch")
+                     f"LFW-subset images, random crops, {len(dataset)} samples/epoch; crops by {dataset.decode} "
+                     f"({dataset.decode_why}), {output} batches")
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -78,8 +91,27 @@ class _Loading(torch.utils.data.Dataset):
 
 
 def collate(samples):
-    """[(sample, bad files)] -> (images (N, ...), bad files of the batch)."""
-    return stack([s for s, _ in samples]), tuple(b for _, bad in samples for b in bad)
+    """[(sample, bad files)] -> (images (N, ...), bad files of the batch). Under ``--decode gpu`` the
+    JPEGs are still encoded (``GpuJpeg``): the images are then the list of samples, which
+    ``to_device`` decodes on the GPU."""
+    views = [s for s, _ in samples]
+    bad = tuple(b for _, bad in samples for b in bad)
+    if any(isinstance(v, GpuJpeg) for v in views):
+        return GpuBatch(views), bad
+    return stack(views), bad
+
+
+class GpuBatch(list):
+    """A batch whose JPEGs ``to_device`` decodes on the GPU (``--decode gpu``)."""
+
+
+def to_device(images, device: torch.device, dataset):
+    """(images on ``device``, bad files found there): a collated batch copied (pinned memory:
+    asynchronously), or a ``GpuBatch`` decoded on the GPU (``data.decode_gpu_batch``; a JPEG the
+    GPU rejects is retried on the CPU and, unreadable, substituted and reported)."""
+    if isinstance(images, GpuBatch):
+        return decode_gpu_batch(images, device, dataset)
+    return images.to(device, non_blocking=True), ()
 
 
 def build_loader(dataset, batches: EpochBatches, num_workers: int, device: torch.device):

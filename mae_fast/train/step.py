@@ -25,6 +25,11 @@ import torch.nn as nn
 from .. import lr_sched
 
 
+# the loss terms a model may return besides the total (mae_fast.ContrastiveMAE's ContrastiveOutput
+# fields): summed on the device like the loss, logged as log.csv columns of these names
+LOSS_PARTS = ("loss_rec", "loss_con")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps): reported as one line, exit status 1."""
 
@@ -108,6 +113,8 @@ class TrainStep:
         self.update_bad = zero()  # 1 once a micro-batch of the current update had a non-finite loss
         self.window_sum, self.window_n = zero(), zero()
         self.epoch_sum, self.epoch_n = zero(), zero()
+        self.window_part_sums = {}  # LOSS_PARTS the model returns: sums since the last log row
+        self.window_parts = {}  # their means at the last read_window
         self.bad = NonFiniteSteps(device)
 
     def __call__(self, imgs, noise, it: int, step: int) -> None:
@@ -124,8 +131,10 @@ class TrainStep:
         with sync:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                loss, _, _ = self.forward(imgs, mask_ratio=self.mask_ratio, noise=noise)
+                out = self.forward(imgs, mask_ratio=self.mask_ratio, noise=noise)
+            loss = out[0]
             self._count(loss.detach().float())
+            self._count_parts(out, loss)
             self.scaler.scale(loss / self.accum_iter).backward()
         if update:
             self._update(step)
@@ -138,6 +147,16 @@ class TrainStep:
         self.epoch_sum += value
         self.epoch_n += finite
         self.update_bad = torch.maximum(self.update_bad, (~finite).float())
+
+    def _count_parts(self, out, loss) -> None:
+        """Sum the loss terms ``out`` names (LOSS_PARTS), over the iterations whose loss is finite."""
+        finite = torch.isfinite(loss.detach())
+        for name in LOSS_PARTS:
+            part = getattr(out, name, None)
+            if part is not None:
+                value = torch.where(finite, part.detach().float(), 0.0)
+                total = self.window_part_sums.get(name)
+                self.window_part_sums[name] = value if total is None else total + value
 
     def _update(self, step: int) -> None:
         found_inf = self.update_bad
@@ -186,12 +205,16 @@ class TrainStep:
 
     def read_window(self):
         """(mean loss over finite iterations since the last call, over all ranks) -> float; resets."""
-        sums = torch.stack([self.window_sum, self.window_n])
+        names = [k for k in LOSS_PARTS if k in self.window_part_sums]
+        sums = torch.stack([self.window_sum, self.window_n] + [self.window_part_sums[k] for k in names])
         if self.distributed:
             dist.all_reduce(sums)
         self.window_sum.zero_()
         self.window_n.zero_()
-        s, n = sums.tolist()
+        s, n, *parts = sums.tolist()
+        self.window_parts = {k: (v / n if n else float("nan")) for k, v in zip(names, parts)}
+        for k in names:
+            self.window_part_sums[k] = torch.zeros_like(self.window_part_sums[k])
         return s / n if n else float("nan")
 
     def read_epoch(self):

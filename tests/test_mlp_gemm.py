@@ -1,0 +1,388 @@
+"""The opt-in MLP GEMMs (``MAE_FAST_MLP=gemm``, mae_fast.ops.mlp / kernels/mlp_gemm.py) against
+the plain nn.Linear + nn.GELU() + nn.Linear, forward and every gradient, run by the Triton
+interpreter on CPU (tests that take ``device`` also run compiled on CUDA tensors in the CUDA
+lane, tests/_lane.py). Shapes are tiny and odd (rows not a multiple of any tile, widths down to
+3): the interpreter is slow, and the tiles shrink to narrow widths as they would on a GPU."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mae_fast import accounting, backends
+from mae_fast.layers import Mlp
+from mae_fast.model import MaskedAutoencoderViT
+from mae_fast.ops import mlp as mlp_ops
+from _lane import lane_device
+
+pytestmark = pytest.mark.skipif(not mlp_ops._triton_runs(lane_device()),
+                                reason="needs triton importable (and TRITON_INTERPRET=1 on CPU)")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NAMES = ("y", "x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+# (leading shape of x, in, hidden, out): rows 2*3 = 6 and 131 (one more than a 128-row tile),
+# widths 5 / 3 / 4 (below the 16-wide minimum tile), 24 / 40 / 20 (not powers of two)
+SHAPES = [((2, 3), 5, 3, 4), ((131,), 24, 40, 20)]
+
+
+@pytest.fixture
+def gemm_mode(monkeypatch):
+    monkeypatch.setenv("MAE_FAST_MLP", "gemm")
+    yield
+    backends.clear_cache()
+
+
+def _mlp(C, H, C_out, dtype, backend="fast"):
+    torch.manual_seed(0)
+    mlp = Mlp(C, H, C_out).to(dtype)
+    mlp.backend = backend
+    return mlp
+
+
+def _run(mlp, x, grad_y, autocast_dtype=None):
+    """[y, dx, dW1, db1, dW2, db2] of one forward + backward."""
+    mlp.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        y = mlp(x)
+    y.backward(grad_y.to(y.dtype))
+    return [y.detach(), x.grad, mlp.fc1.weight.grad, mlp.fc1.bias.grad, mlp.fc2.weight.grad,
+            mlp.fc2.bias.grad]
+
+
+def _pair_results(mlp, x, grad_y, monkeypatch, autocast_dtype=None):
+    """(fused, plain) results of the same module: MAE_FAST_MLP=gemm, then plain."""
+    monkeypatch.setenv("MAE_FAST_MLP", "gemm")
+    got = _run(mlp, x, grad_y, autocast_dtype)
+    monkeypatch.setenv("MAE_FAST_MLP", "plain")
+    want = _run(mlp, x, grad_y, autocast_dtype)
+    monkeypatch.setenv("MAE_FAST_MLP", "gemm")
+    return got, want
+
+
+def _assert_within_twice_reference_error(got, want, exact, dtype, label=""):
+    """flash-attention's rule: max |fast - exact| <= 2 max |reference - exact| + one ulp of the
+    dtype (the interpreter truncates fp32 -> bf16 where a GPU rounds: docs/TRITON.md)."""
+    for name, g, w, e in zip(NAMES, got, want, exact):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        err_fast = (g.double() - e).abs().max().item()
+        err_torch = (w.double() - e).abs().max().item()
+        floor = torch.finfo(dtype).eps * max(1.0, e.abs().max().item())
+        assert err_fast <= 2 * err_torch + floor, f"{label}{name}: {err_fast} > 2 * {err_torch} + {floor}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead, C, H, C_out", SHAPES)
+def test_forward_and_backward_match_plain_mlp(lead, C, H, C_out, dtype, monkeypatch, device):
+    """fp32: equal to the plain module within fp32 summation-order noise; fp16/bf16: within twice
+    the plain module's own error against float64 (the same module run in double)."""
+    mlp = _mlp(C, H, C_out, dtype)
+    x, grad_y = torch.randn(*lead, C).to(dtype), torch.randn(*lead, C_out).to(dtype)
+    got, want = _pair_results(mlp, x, grad_y, monkeypatch)
+    if dtype == torch.float32:
+        for name, g, w in zip(NAMES, got, want):
+            torch.testing.assert_close(g, w, atol=2e-6 * max(1.0, w.abs().max().item()), rtol=1e-5,
+                                       msg=lambda m: f"{name}: {m}")
+        return
+    monkeypatch.setenv("MAE_FAST_MLP", "plain")
+    exact = _run(copy.deepcopy(mlp).double(), x.double(), grad_y.double())
+    _assert_within_twice_reference_error(got, want, exact, dtype)
+
+
+def test_fused_path_really_runs_the_kernels(gemm_mode, device):
+    """The dispatch: with MAE_FAST_MLP=gemm a fast-backend Mlp runs the four ops, no aten gelu."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    mlp = _mlp(8, 16, 8, torch.float32)
+    x = torch.randn(3, 8, requires_grad=True)
+    with Ops() as seen:
+        mlp(x).sum().backward()
+    names = [n for n in seen.names if n.startswith("mae_fast::")]
+    assert names == ["mae_fast::mlp_fc1_gelu", "mae_fast::mlp_fc2", "mae_fast::mlp_fc2_gelu_grad",
+                     "mae_fast::linear_weight_grad", "mae_fast::linear_weight_grad"], names
+    assert not any("gelu" in n for n in seen.names if n.startswith("aten::"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+def test_cpu_autocast_matches_linear_policy(dtype, monkeypatch, device):
+    """Under autocast the fused path casts as aten linear does: bf16 output, fp32 gradients on the
+    fp32 parameters, within twice the plain module's own error against float64."""
+    mlp = _mlp(24, 40, 20, torch.float32)
+    x, grad_y = torch.randn(2, 7, 24), torch.randn(2, 7, 20)
+    got, want = _pair_results(mlp, x, grad_y, monkeypatch, autocast_dtype=dtype)
+    assert got[0].dtype == want[0].dtype == dtype
+    assert all(g.dtype == torch.float32 for g in got[1:])
+    monkeypatch.setenv("MAE_FAST_MLP", "plain")
+    exact = _run(copy.deepcopy(mlp).double(), x.double(), grad_y.double())
+    _assert_within_twice_reference_error(got, want, exact, dtype)
+
+
+def test_ops_against_float64(device):
+    """Each kernel against float64 on odd shapes: fc1 + bias + GELU (pre and act), d(pre) =
+    (dy @ W2) * GELU'(pre), and the weight gradient with its bias sums (more rows than one step,
+    widths not multiples of the tiles), fp32 IEEE products."""
+    M, C, H = 37, 20, 70
+    x, w1, b1 = torch.randn(M, C), torch.randn(H, C) * 0.2, torch.randn(H)
+    pre, act = mlp_ops.mlp_fc1_gelu(x, w1, b1)
+    want_pre = x.double() @ w1.double().t() + b1.double()
+    torch.testing.assert_close(pre.double(), want_pre, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(act.double(), nn.functional.gelu(want_pre), atol=1e-5, rtol=1e-5)
+    grad_y, w2 = torch.randn(M, C), torch.randn(C, H) * 0.2
+    got = mlp_ops.mlp_fc2_gelu_grad(grad_y, w2, pre)
+    want = torch.ops.aten.gelu_backward(grad_y.double() @ w2.double(), pre.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    grad_w, grad_b = mlp_ops.linear_weight_grad(got, x)
+    torch.testing.assert_close(grad_w.double(), got.double().t() @ x.double(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grad_b.double(), got.double().sum(0), atol=1e-5, rtol=1e-5)
+
+
+def test_weight_grad_is_deterministic_and_reads_strided_inputs(device):
+    """One program per output tile, rows in order: two runs bit-equal; strided G and X views."""
+    base_g, base_x = torch.randn(45, 2 * 33), torch.randn(45, 19 + 3)
+    g, x = base_g[:, ::2], base_x[:, 3:]
+    first, second = mlp_ops.linear_weight_grad(g, x), mlp_ops.linear_weight_grad(g, x)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    torch.testing.assert_close(first[0].double(), g.double().t() @ x.double(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(first[1].double(), g.double().sum(0), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_fallback_of_the_op_bodies(monkeypatch, device):
+    """Off-Triton devices run torch code in the op bodies: it agrees with the kernels."""
+    x, w1, b1 = torch.randn(9, 12), torch.randn(20, 12) * 0.3, torch.randn(20)
+    grad_y, w2 = torch.randn(9, 12), torch.randn(12, 20) * 0.3
+    runs = lambda: (*mlp_ops.mlp_fc1_gelu(x, w1, b1),  # noqa: E731
+                    mlp_ops.mlp_fc2_gelu_grad(grad_y, w2, x @ w1.t()),
+                    *mlp_ops.linear_weight_grad(grad_y, x))
+    triton_out = runs()
+    monkeypatch.setattr(mlp_ops, "_triton_runs", lambda device: False)
+    for a, b in zip(triton_out, runs()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck(device):
+    x = torch.randn(5, 6, requires_grad=True)
+    w1, b1 = torch.randn(7, 6, requires_grad=True), torch.randn(7, requires_grad=True)
+    w2, b2 = torch.randn(3, 7, requires_grad=True), torch.randn(3, requires_grad=True)
+    torch.library.opcheck(mlp_ops.mlp_fc1_gelu, (x, w1, b1))
+    torch.library.opcheck(mlp_ops.mlp_fc1_gelu, (x, w1, None))
+    pre, act = (t.detach().requires_grad_() for t in mlp_ops.mlp_fc1_gelu(x, w1, b1))
+    torch.library.opcheck(mlp_ops.mlp_fc2, (act, pre, w2, b2))
+    torch.library.opcheck(mlp_ops.mlp_fc2_gelu_grad, (torch.randn(5, 3), w2.detach(), pre.detach()))
+    torch.library.opcheck(mlp_ops.linear_weight_grad, (torch.randn(5, 3), x.detach()))
+
+
+def test_meta_shapes():
+    x = torch.empty(6, 8, device="meta", dtype=torch.bfloat16)
+    w1, w2 = torch.empty(16, 8, device="meta", dtype=torch.bfloat16), torch.empty(4, 16, device="meta",
+                                                                                    dtype=torch.bfloat16)
+    pre, act = torch.ops.mae_fast.mlp_fc1_gelu(x, w1, None)
+    assert pre.shape == act.shape == (6, 16) and pre.dtype == torch.bfloat16
+    assert torch.ops.mae_fast.mlp_fc2(act, pre, w2, None).shape == (6, 4)
+    assert torch.ops.mae_fast.mlp_fc2_gelu_grad(torch.empty(6, 4, device="meta", dtype=torch.bfloat16),
+                                                w2, pre).shape == (6, 16)
+    gw, gb = torch.ops.mae_fast.linear_weight_grad(pre, x)
+    assert gw.shape == (16, 8) and gb.shape == (16,)
+
+
+def test_torch_compile_fullgraph(gemm_mode, device):
+    """The four ops trace into one graph (fake impls), forward and the autograd backward."""
+    mlp = _mlp(8, 12, 8, torch.float32)
+    x, grad_y = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    want = _run(mlp, x, grad_y)
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+    got = _run(compiled, x, grad_y)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, msg=lambda m: f"{name}: {m}")
+
+
+def test_switch_structure_and_dtype_rules(gemm_mode, monkeypatch):
+    """Only the plain structure runs fused (exact GELU, no active dropout, plain Linears, no
+    hooks); float64 runs plain under "auto" and is a TypeError under "fast"; "reference" and the
+    default mode never run it; a bad MAE_FAST_MLP is an error."""
+    x = torch.randn(3, 8)
+    assert mlp_ops.fused_mlp_runs(_mlp(8, 16, 8, torch.float32), x, "fast")
+    tanh = _mlp(8, 16, 8, torch.float32)
+    tanh.act = nn.GELU(approximate="tanh")
+    drop = Mlp(8, 16, 8, drop=0.1)
+    hooked = _mlp(8, 16, 8, torch.float32)
+    hooked.fc1.register_forward_hook(lambda *a: None)
+    for mlp in (tanh, drop, hooked):
+        assert not mlp_ops.fused_mlp_runs(mlp, x, "fast")
+    drop.eval()
+    assert mlp_ops.fused_mlp_runs(drop, x, "fast")
+    double = _mlp(8, 16, 8, torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        mlp_ops.fused_mlp_runs(double, x.double(), "fast")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not mlp_ops.fused_mlp_runs(double, x.double(), "reference")
+    assert backends.choose("mlp", "cpu", "auto").impl == "reference"  # never the interpreter
+    assert backends.choose("mlp", "cuda", "reference").impl == "reference"
+    monkeypatch.setenv("MAE_FAST_MLP", "plain")
+    assert backends.choose("mlp", "cuda", "fast").impl == "reference"
+    monkeypatch.setenv("MAE_FAST_MLP", "cutlass")
+    with pytest.raises(ValueError, match="MAE_FAST_MLP"):
+        backends.choose("mlp", "cuda", "auto")
+
+
+def test_info_reports_the_mlp_path(monkeypatch):
+    from mae_fast import info
+    monkeypatch.delenv("MAE_FAST_MLP", raising=False)
+    assert "MAE_FAST_MLP unset or 'plain'" in info.report()
+    monkeypatch.setenv("MAE_FAST_MLP", "gemm")
+    text = info.report()
+    cuda = text[text.index("on cuda tensors"):]
+    line = next(ln for ln in cuda.splitlines() if ln.strip().startswith("mlp"))
+    assert "MAE_FAST_MLP=gemm" in line
+    assert "MLP GEMM path (opt-in, MAE_FAST_MLP=gemm; GPU speed not measured): gemm" in text
+    backends.clear_cache()
+
+
+# ---- the whole model ---------------------------------------------------------------------------
+
+TINY = dict(img_size=(8, 12), patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2,
+            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0, norm_pix_loss=True)
+
+
+def _model_pair():
+    torch.manual_seed(0)
+    ref = MaskedAutoencoderViT(**TINY, backend="reference")
+    with torch.no_grad():
+        ref.mask_token.normal_(std=0.5)
+    fast = MaskedAutoencoderViT(**TINY, backend="fast")
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _model_run(model, imgs, noise, autocast_dtype=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(imgs.device.type, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        loss, pred, _ = model(imgs, mask_ratio=0.5, noise=noise)
+    loss.backward()
+    return [loss.detach(), pred.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+
+
+def test_whole_model_under_bf16_autocast_with_the_option_on(gemm_mode, device):
+    """backend="fast" with MAE_FAST_MLP=gemm against backend="reference" under bf16 autocast: loss,
+    pred and every gradient within twice the reference's own error against fp32 (flash rule)."""
+    ref, fast = _model_pair()
+    assert all(mlp_ops.fused_mlp_runs(b.mlp, torch.empty(1, device=device), "fast")
+               for b in list(fast.blocks) + list(fast.decoder_blocks))
+    imgs, noise = torch.randn(2, 3, 8, 12), torch.rand(2, 6)
+    exact = _model_run(copy.deepcopy(ref), imgs, noise)
+    want = _model_run(ref, imgs, noise, torch.bfloat16)
+    got = _model_run(fast, imgs, noise, torch.bfloat16)
+    assert len(got) == len(want) == len(exact)
+    for i, (g, w, e) in enumerate(zip(got, want, exact)):
+        err_fast, err_torch = (g.float() - e).abs().max().item(), (w.float() - e).abs().max().item()
+        floor = torch.finfo(torch.bfloat16).eps * max(1.0, e.abs().max().item())
+        assert err_fast <= 2 * err_torch + floor, f"output {i}: {err_fast} > 2 * {err_torch} + {floor}"
+
+
+def test_multistep_fp32_trajectory_with_the_option_on(gemm_mode, device):
+    """tests/test_multistep.py's drift check (3 AdamW steps, fast vs reference) with the MLP GEMMs."""
+    import test_multistep as ms
+    reference_model, fast_model = ms._models(device)
+    batches = ms._batches(device)
+    want, got = ms._train(reference_model, batches), ms._train(fast_model, batches)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=0)
+    for (name, p_ref), p_fast in zip(reference_model.named_parameters(), fast_model.parameters()):
+        if "mlp" in name:
+            torch.testing.assert_close(p_fast, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_saved_activations_do_not_grow(gemm_mode, monkeypatch):
+    """What autograd keeps for backward (distinct storages of the saved tensors) is no larger with
+    the fused MLP than with the plain one: x, W1, pre, act, W2 either way."""
+    def saved_bytes(mode):
+        monkeypatch.setenv("MAE_FAST_MLP", mode)
+        mlp = _mlp(8, 16, 8, torch.float32)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x = torch.randn(5, 8, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = mlp(x)
+        y.sum().backward()
+        return sum(storages.values())
+
+    assert saved_bytes("gemm") <= saved_bytes("plain")
+
+
+def test_accounting_with_the_option_on(monkeypatch):
+    """On meta, a tiny model's step: the same FLOPs as the plain MLP (so still HF's within 1 %),
+    no aten gelu / gelu_backward, 1 launch fewer forward and 3 fewer backward per MLP."""
+    def counted(mode):
+        monkeypatch.setenv("MAE_FAST_MLP", mode)
+        mae = accounting.build_meta_model(lambda backend: MaskedAutoencoderViT(**TINY, backend=backend),
+                                          "fast", torch.bfloat16)
+        return accounting.count_step(mae, 4, 0.5)
+
+    plain, gemm = counted("plain"), counted("gemm")
+    blocks = TINY["depth"] + TINY["decoder_depth"]
+    assert gemm.total().flops == plain.total().flops > 0
+    ops = {r.op for r in gemm.log}
+    assert "aten::gelu" not in ops and "aten::gelu_backward" not in ops
+    assert set(accounting.MLP_GEMM_OPS) <= ops
+    assert plain.total(phases=("fwd",)).ops - gemm.total(phases=("fwd",)).ops == blocks
+    assert plain.total(phases=("bwd",)).ops - gemm.total(phases=("bwd",)).ops == 3 * blocks
+    assert gemm.total().bytes < plain.total().bytes
+    backends.clear_cache()
+
+
+# ---- what the kernels move, and what compiles ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_charges_equal_what_the_kernels_load_and_store(dtype):
+    """KERNEL_CHARGES of the four ops against the interpreter's count of their tl.load / tl.store
+    (each address once per launch) and the torch ops their bodies run (mlp_fc2: one addmm)."""
+    from test_accounting_kernels import assert_charge_is_real
+    M, C, H = 19, 10, 24
+    x, w1, b1 = torch.randn(M, C).to(dtype), torch.randn(H, C).to(dtype), torch.randn(H).to(dtype)
+    assert_charge_is_real(mlp_ops.mlp_fc1_gelu, x, w1, b1, kernels=["_mlp_gemm_kernel"])
+    pre, act = mlp_ops.mlp_fc1_gelu(x, w1, b1)
+    w2, b2 = torch.randn(C, H).to(dtype), torch.randn(C).to(dtype)
+    probe = assert_charge_is_real(mlp_ops.mlp_fc2, act, pre, w2, b2, kernels=[])
+    assert [r.op for r in probe.torch_ops.log] == ["aten::addmm"]
+    grad_y = torch.randn(M, C).to(dtype)
+    assert_charge_is_real(mlp_ops.mlp_fc2_gelu_grad, grad_y, w2, pre, kernels=["_mlp_gemm_kernel"])
+    assert_charge_is_real(mlp_ops.linear_weight_grad, pre, x, kernels=["_linear_wgrad_kernel"])
+
+
+def test_every_mlp_width_and_dtype_is_in_the_aot_launches():
+    """tools/triton_aot.py compiles the MLP kernels for every dtype; the ViT-B/L/H and decoder
+    widths specialise alike (multiples of 16), so one compiled variant per (kernel, dtype,
+    epilogue) covers them all (tests/test_triton_aot.py checks 0 spills in every row)."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("triton_aot", os.path.join(root, "tools", "triton_aot.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from mae_fast.kernels import mlp_gemm
+    keys = {}
+    for label, module, call in tool.mlp_calls():
+        sink = []
+        with tool._recording(module, sink):
+            call()
+        for name, grid, args, kwargs in sink:
+            keys.setdefault(label, set()).add(
+                (name, repr([tool._specialisation(a) for a in args]), repr(sorted(kwargs.items()))))
+    assert all(len(v) == 1 for v in keys.values()), keys  # every width: the same variant
+    assert len(keys) == 3 * 3  # 3 dtypes x (fc1 + GELU, dgrad * GELU', wgrad + bias)
+    labels = [label for label, *_ in tool.launches()]
+    assert set(keys) <= set(labels)
+    assert {name for _, _, name, *_ in tool.launches() if name.startswith("_mlp") or name.startswith("_linear")} \
+        == {n for n in dir(mlp_gemm) if n.startswith("_") and n.endswith("_kernel")}
