@@ -14,7 +14,18 @@ def _version(module):
         return f"not available ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
 
 
-def report(backend: str = "auto") -> str:
+def decoder_masking_line(decoder_mask_ratio: float = 0.0, num_patches: int = 196, mask_ratio: float = 0.75) -> str:
+    """Whether decoder-side masking (``decoder_mask_ratio``, not in the official MAE) is on."""
+    if not decoder_mask_ratio:
+        return "decoder-side masking: off (decoder_mask_ratio=0, the official decoder)"
+    from .reference import num_decode, num_keep
+    len_mask = num_patches - num_keep(num_patches, mask_ratio)
+    return (f"decoder-side masking: ON (decoder_mask_ratio={decoder_mask_ratio}): the decoder sees "
+            f"{num_decode(len_mask, decoder_mask_ratio)} of the {len_mask} masked patches at {num_patches} "
+            f"patches, mask {mask_ratio} (unshuffle: its len_decode path; loss: masked_loss_rows)")
+
+
+def report(backend: str = "auto", decoder_mask_ratio: float = 0.0) -> str:
     import torch
 
     from . import __version__, _ext, backends
@@ -44,15 +55,17 @@ def report(backend: str = "auto") -> str:
     lines += ["", "blocks: qkv projection + attention as one autograd function whose backward never merges "
               "dq, dk, dv into d(qkv) (mae_fast.attention.qkv_attention), where attention runs sdpa or "
               "xformers with gradients and not under torch.compile; model.set_fused_blocks(False) "
-              "gives the plain blocks"]
+              "gives the plain blocks", decoder_masking_line(decoder_mask_ratio)]
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mae_fast.info", description=__doc__)
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "fast"))
+    parser.add_argument("--decoder-mask-ratio", type=float, default=0.0,
+                        help="say what decoder-side masking at this ratio decodes (ViT-B/16, mask 0.75)")
     args = parser.parse_args(argv)
-    print(report(args.backend))
+    print(report(args.backend, args.decoder_mask_ratio))
     return 0
 
 

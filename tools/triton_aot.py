@@ -95,6 +95,15 @@ def launches():
     weight14 = torch.empty(D, C, 14, 14, device=meta)
     pos_embed14 = torch.empty(1, 1 + L14, D, device=meta)
     grad_tokens14 = torch.empty(N, 1 + L14 // 4, D, device=meta)
+    # decoder-side masking (decoder_mask_ratio 0.5): the loss reads decoder_pred(x)[:, 1 + K:, :]
+    # (M decoded rows; 16-byte aligned at patch 16, 8-byte at patch 14 in bf16) with row_ids (N, M)
+    M = (L - K) // 2
+    pred_rows = torch.empty(N, 1 + K + M, P, dtype=torch.bfloat16, device=meta)[:, 1 + K:, :]
+    row_ids = torch.empty(N, M, dtype=torch.long, device=meta)
+    K14 = L14 // 4
+    M14 = (L14 - K14) // 2
+    pred14_rows = torch.empty(N, 1 + K14 + M14, C * 14 * 14, dtype=torch.bfloat16, device=meta)[:, 1 + K14:, :]
+    row_ids14 = torch.empty(N, M14, dtype=torch.long, device=meta)
 
     calls = [
         ("gather nchw", patch_gather, lambda: patch_gather.gather_patches(imgs, ids_keep, p)),
@@ -141,6 +150,19 @@ def launches():
             imgs, pred14_fp32, mask14, 14, True, torch.float32)),
         ("loss bwd normpix+imgs p14 fp32 pred[:, 1:]", masked_loss, lambda: masked_loss.masked_loss_bwd(
             grad_loss, imgs, pred14_fp32, mask14, mask_sum, 14, True, True)),
+        ("loss fwd normpix rows (decoder masking)", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs, pred_rows, None, p, True, torch.float32, row_ids=row_ids)),
+        ("loss bwd normpix rows (decoder masking)", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs, pred_rows, None, mask_sum, p, True, False, row_ids=row_ids)),
+        ("loss bwd normpix+imgs rows (decoder masking)", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs, pred_rows, None, mask_sum, p, True, True, row_ids=row_ids)),
+        ("loss fwd pix rows (decoder masking)", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs, pred_rows, None, p, False, torch.float32, row_ids=row_ids)),
+        ("loss fwd normpix p14 rows (decoder masking, 8-B aligned)", masked_loss,
+         lambda: masked_loss.masked_loss_fwd(imgs, pred14_rows, None, 14, True, torch.float32, row_ids=row_ids14)),
+        ("loss bwd normpix+imgs p14 rows (decoder masking, 8-B aligned)", masked_loss,
+         lambda: masked_loss.masked_loss_bwd(grad_loss, imgs, pred14_rows, None, mask_sum, 14, True, True,
+                                             row_ids=row_ids14)),
         ("gemm bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
             imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32)),
         ("gemm fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
