@@ -229,6 +229,16 @@ def _launch_args(imgs, patch_size):
                 num_warps=_num_warps(tile[0] * tile[1] * tile[2]))
 
 
+def _index_args(mask, row_ids):
+    """(mask, row_ids, ROW_IDS) as the kernels take them, contiguous: the one not in use is
+    passed as a stand-in pointer (the other tensor) that the kernel never reads."""
+    if row_ids is None:
+        mask = mask.contiguous()
+        return mask, mask, False
+    row_ids = row_ids.contiguous()
+    return row_ids, row_ids, True
+
+
 @on_tensor_device
 def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss_dtype, row_ids=None):
     """imgs (N, C, H, W) any strides; pred (N, L, P) any strides; mask (N, L) ->
@@ -238,10 +248,7 @@ def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss
     N, C, H, W = imgs.shape
     L = pred.shape[1]  # rows per sample (R with row_ids)
     img_patches = (H // patch_size) * (W // patch_size)
-    row_ids_on = row_ids is not None
-    row_ids = row_ids.contiguous() if row_ids_on else None
-    mask = mask.contiguous() if not row_ids_on else row_ids  # row_ids: an unused stand-in
-    row_ids = row_ids if row_ids_on else mask  # official: an unused stand-in
+    mask, row_ids, row_ids_on = _index_args(mask, row_ids)
     patch_loss = torch.empty(N * L, dtype=torch.float32, device=imgs.device)
     loss = torch.empty((), dtype=loss_dtype, device=imgs.device)
     mask_sum = torch.empty((), dtype=torch.float32, device=imgs.device)
@@ -264,10 +271,7 @@ def masked_loss_bwd(grad_loss, imgs, pred, mask, mask_sum, patch_size: int,
     N, C, H, W = imgs.shape
     L = pred.shape[1]  # rows per sample (R with row_ids)
     img_patches = (H // patch_size) * (W // patch_size)
-    row_ids_on = row_ids is not None
-    row_ids = row_ids.contiguous() if row_ids_on else None
-    mask = mask.contiguous() if not row_ids_on else row_ids  # row_ids: an unused stand-in
-    row_ids = row_ids if row_ids_on else mask  # official: an unused stand-in
+    mask, row_ids, row_ids_on = _index_args(mask, row_ids)
     grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     fmt = torch.channels_last if _pixel_major(imgs) else torch.contiguous_format
     grad_imgs = (torch.empty(imgs.shape, dtype=imgs.dtype, device=imgs.device, memory_format=fmt)

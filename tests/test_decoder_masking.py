@@ -299,3 +299,17 @@ def test_a_ratio_that_decodes_nothing_raises():
     model(torch.randn(1, 3, 32, 32), 0.75)  # 12 masked: int(12 * 0.1) = 1 decoded, fine
     with pytest.raises(ValueError, match="decodes none"):
         model(torch.randn(1, 3, 32, 32), 0.5)  # 8 masked: int(8 * 0.1) = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# it says so when it is on
+def test_info_and_pretrain_say_when_decoder_masking_is_on():
+    from mae_fast import info, pretrain
+    assert "decoder-side masking: off" in info.report()
+    line = info.decoder_masking_line(0.5)
+    assert "ON" in line and "73 of the 147 masked patches" in line  # ViT-B/16 at mask 0.75
+    args = pretrain.build_parser().parse_args(["--decoder-mask-ratio", "0.5"])
+    assert args.decoder_mask_ratio == 0.5
+    assert pretrain.build_parser().parse_args([]).decoder_mask_ratio == 0.0
+    with pytest.raises(pretrain.UsageError, match="--decoder-mask-ratio"):
+        pretrain.resolve_args(pretrain.build_parser().parse_args(["--decoder-mask-ratio", "1.0"]))
