@@ -68,6 +68,7 @@ def step_times(batch: int, ratios, rounds: int, steps: int, threads: int, mask_r
                 t0 = time.perf_counter()
                 step()
                 times[ratio].append(time.perf_counter() - t0)
+                print(f"round {rnd}: ratio {ratio}: {times[ratio][-1]:.2f} s", file=sys.stderr, flush=True)
     print(f"ViT-B/16 fp32, batch {batch}, mask {mask_ratio}, CPU, {threads} thread(s), forward + backward + "
           f"AdamW; {rounds} rounds x {steps} step(s) per ratio, interleaved")
     print("| decoder_mask_ratio | median step (s) | vs 0 | all steps (s) |")
