@@ -57,8 +57,13 @@ void check_ids_shape(const Tensor& ids_restore, int64_t N) {
               ids_restore.scalar_type());
 }
 
+void check_len_decode(const char* op, int64_t len_decode, int64_t K, int64_t L) {
+  TORCH_CHECK(len_decode >= -1 && K + len_decode <= L, op, ": len_decode = ", len_decode,
+              " must be -1 (official layout) or in [0, L - K = ", L - K, "]");
+}
+
 Dims check_forward_args(const Tensor& x, const Tensor& mask_token, const Tensor& ids_restore,
-                        const std::optional<Tensor>& pos_embed) {
+                        const std::optional<Tensor>& pos_embed, int64_t len_decode) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) >= 1, "mae_fast.unshuffle_scatter: x must be (N, 1+K, D), got shape ",
               x.sizes());
   const int64_t N = x.size(0), K = x.size(1) - 1, D = x.size(2);
@@ -88,26 +93,30 @@ Dims check_forward_args(const Tensor& x, const Tensor& mask_token, const Tensor&
     check_same_device(pos, x, "pos_embed");
     check_contiguous(pos, "pos_embed");
   }
-  return Dims{N, L, K, D};
+  check_len_decode("mae_fast.unshuffle_scatter", len_decode, K, L);
+  return Dims{N, L, K, D, len_decode};
 }
 
-Dims check_backward_args(const Tensor& grad_out, const Tensor& ids_restore, int64_t len_keep) {
+Dims check_backward_args(const Tensor& grad_out, const Tensor& ids_restore, int64_t len_keep, int64_t len_decode) {
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(1) >= 1,
               "mae_fast.unshuffle_scatter_backward: grad_out must be (N, 1+L, D), got shape ", grad_out.sizes());
   const int64_t N = grad_out.size(0), D = grad_out.size(2);
   check_ids_shape(ids_restore, N);
   const int64_t L = ids_restore.size(1);
-  TORCH_CHECK(grad_out.size(1) == 1 + L, "mae_fast.unshuffle_scatter_backward: grad_out has ", grad_out.size(1),
-              " rows, expected 1+L = ", 1 + L);
   TORCH_CHECK(len_keep >= 0 && len_keep <= L, "mae_fast.unshuffle_scatter_backward: len_keep = ", len_keep,
               " must be in [0, L = ", L, "]");
+  check_len_decode("mae_fast.unshuffle_scatter_backward", len_decode, len_keep, L);
+  const Dims dims{N, L, len_keep, D, len_decode};
+  TORCH_CHECK(grad_out.size(1) == 1 + out_rows(dims), "mae_fast.unshuffle_scatter_backward: grad_out has ",
+              grad_out.size(1), " rows, expected ", len_decode < 0 ? "1+L = " : "1+len_keep+len_decode = ",
+              1 + out_rows(dims));
   TORCH_CHECK(is_supported_float(grad_out.scalar_type()),
               "mae_fast.unshuffle_scatter_backward: grad_out must be float32, float64, float16 or bfloat16, got ",
               grad_out.scalar_type());
   check_same_device(ids_restore, grad_out, "ids_restore");
   check_contiguous(grad_out, "grad_out");
   check_contiguous(ids_restore, "ids_restore");
-  return Dims{N, L, len_keep, D};
+  return dims;
 }
 
 // Every row of ids_restore must be a permutation of 0..L-1 (what argsort returns): in range, so no
@@ -133,12 +142,12 @@ void check_ids_permutation_cpu(const Tensor& ids_restore, int64_t N, int64_t L) 
 // ---------------------------------------------------------------------------------------------
 
 Tensor forward_cpu(const Tensor& x, const Tensor& mask_token, const Tensor& ids_restore,
-                   const std::optional<Tensor>& pos_embed) {
+                   const std::optional<Tensor>& pos_embed, int64_t len_decode) {
   TORCH_CHECK(x.device().is_cpu(), "mae_fast.unshuffle_scatter (CPU kernel): x is on ", x.device());
-  const Dims dims = check_forward_args(x, mask_token, ids_restore, pos_embed);
+  const Dims dims = check_forward_args(x, mask_token, ids_restore, pos_embed, len_decode);
   check_ids_permutation_cpu(ids_restore, dims.N, dims.L);
-  Tensor out = at::empty({dims.N, 1 + dims.L, dims.D}, x.options());
-  const int64_t rows = dims.N * (1 + dims.L);
+  Tensor out = at::empty({dims.N, 1 + out_rows(dims), dims.D}, x.options());
+  const int64_t rows = dims.N * (1 + dims.L);  // source slots: cls + every patch
   if (out.numel() == 0) return out;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, dims.D));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "unshuffle_scatter_cpu", [&] {
@@ -150,9 +159,11 @@ Tensor forward_cpu(const Tensor& x, const Tensor& mask_token, const Tensor& ids_
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / (1 + dims.L), t = row % (1 + dims.L);
+        const int64_t r = dest_row(dims, ids, n, t);
+        if (r < 0) continue;  // dropped by decoder-side masking
         const int64_t s = source_row(dims, ids, n, t);
         const scalar_t* src = s >= 0 ? x_ptr + x_offset(dims, n, s) : mask_ptr;
-        scalar_t* dst = out_ptr + out_offset(dims, n, t);
+        scalar_t* dst = out_ptr + out_offset(dims, n, r);
         if (pos_ptr != nullptr) {
           const scalar_t* pos = pos_ptr + pos_offset(dims, t);
           for (int64_t d = 0; d < dims.D; ++d) dst[d] = add_pos(src[d], pos[d]);
@@ -165,10 +176,11 @@ Tensor forward_cpu(const Tensor& x, const Tensor& mask_token, const Tensor& ids_
   return out;
 }
 
-std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Tensor& ids_restore, int64_t len_keep) {
+std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Tensor& ids_restore, int64_t len_keep,
+                                        int64_t len_decode) {
   TORCH_CHECK(grad_out.device().is_cpu(), "mae_fast.unshuffle_scatter_backward (CPU kernel): grad_out is on ",
               grad_out.device());
-  const Dims dims = check_backward_args(grad_out, ids_restore, len_keep);
+  const Dims dims = check_backward_args(grad_out, ids_restore, len_keep, len_decode);
   check_ids_permutation_cpu(ids_restore, dims.N, dims.L);
   Tensor grad_x = at::empty({dims.N, 1 + dims.K, dims.D}, grad_out.options());
   Tensor grad_mask_token = at::empty({1, 1, dims.D}, grad_out.options());
@@ -187,7 +199,9 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Tensor& id
         acc_t* acc = partial.data() + partial_offset(dims, n, c);
         std::fill(acc, acc + dims.D, acc_t(0));
         for (int64_t t = chunk_first_row(dims, c); t < chunk_last_row(dims, c); ++t) {
-          const scalar_t* g = go + out_offset(dims, n, t);
+          const int64_t r = dest_row(dims, ids, n, t);
+          if (r < 0) continue;  // dropped by decoder-side masking: no gradient
+          const scalar_t* g = go + out_offset(dims, n, r);
           const int64_t s = source_row(dims, ids, n, t);
           if (s >= 0) {
             std::memcpy(gx + x_offset(dims, n, s), g, sizeof(scalar_t) * dims.D);
@@ -236,12 +250,12 @@ void check_ids_permutation_cuda(const Tensor& ids_restore, int64_t L) {
 }
 
 Tensor forward_cuda(const Tensor& x, const Tensor& mask_token, const Tensor& ids_restore,
-                    const std::optional<Tensor>& pos_embed) {
+                    const std::optional<Tensor>& pos_embed, int64_t len_decode) {
   TORCH_CHECK(x.device().is_cuda(), "mae_fast.unshuffle_scatter (CUDA kernel): x is on ", x.device());
-  const Dims dims = check_forward_args(x, mask_token, ids_restore, pos_embed);
+  const Dims dims = check_forward_args(x, mask_token, ids_restore, pos_embed, len_decode);
   const c10::cuda::CUDAGuard guard(x.device());
   if (debug_checks_enabled()) check_ids_permutation_cuda(ids_restore, dims.L);
-  Tensor out = at::empty({dims.N, 1 + dims.L, dims.D}, x.options());
+  Tensor out = at::empty({dims.N, 1 + out_rows(dims), dims.D}, x.options());
   if (out.numel() == 0) return out;
   launch_forward(x.scalar_type(), x.const_data_ptr(), mask_token.const_data_ptr(), ids_restore.const_data_ptr<int64_t>(),
                  pos_embed.has_value() ? pos_embed->const_data_ptr() : nullptr, out.mutable_data_ptr(), dims,
@@ -249,10 +263,11 @@ Tensor forward_cuda(const Tensor& x, const Tensor& mask_token, const Tensor& ids
   return out;
 }
 
-std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad_out, const Tensor& ids_restore, int64_t len_keep) {
+std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad_out, const Tensor& ids_restore, int64_t len_keep,
+                                         int64_t len_decode) {
   TORCH_CHECK(grad_out.device().is_cuda(), "mae_fast.unshuffle_scatter_backward (CUDA kernel): grad_out is on ",
               grad_out.device());
-  const Dims dims = check_backward_args(grad_out, ids_restore, len_keep);
+  const Dims dims = check_backward_args(grad_out, ids_restore, len_keep, len_decode);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   if (debug_checks_enabled()) check_ids_permutation_cuda(ids_restore, dims.L);
   Tensor grad_x = at::empty({dims.N, 1 + dims.K, dims.D}, grad_out.options());
@@ -282,10 +297,13 @@ bool built_with_cuda() {
 TORCH_LIBRARY(mae_fast, m) {
   // register_fake / register_autograd live in this Python module (imported on demand by torch)
   m.set_python_module("mae_fast.ops.unshuffle");
-  // x (N, 1+K, D), mask_token (1, 1, D), ids_restore (N, L) int64, pos_embed (1, 1+L, D) -> (N, 1+L, D)
-  m.def("unshuffle_scatter(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed=None) -> Tensor");
-  // -> grad_x (N, 1+len_keep, D), grad_mask_token (1, 1, D)
-  m.def("unshuffle_scatter_backward(Tensor grad_out, Tensor ids_restore, int len_keep) -> (Tensor, Tensor)");
+  // x (N, 1+K, D), mask_token (1, 1, D), ids_restore (N, L) int64, pos_embed (1, 1+L, D) -> (N, 1+L, D);
+  // len_decode = M >= 0 (decoder-side masking): -> (N, 1+K+M, D) in decoder order (unshuffle_index.h)
+  m.def("unshuffle_scatter(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed=None, "
+        "int len_decode=-1) -> Tensor");
+  // grad_out (N, 1+L, D) or (N, 1+len_keep+len_decode, D) -> grad_x (N, 1+len_keep, D), grad_mask_token (1, 1, D)
+  m.def("unshuffle_scatter_backward(Tensor grad_out, Tensor ids_restore, int len_keep, int len_decode=-1) "
+        "-> (Tensor, Tensor)");
   m.def("_built_with_cuda() -> bool", &mae_fast::unshuffle::built_with_cuda);
 }
 

@@ -10,6 +10,13 @@
 //   pos_embed    (1, 1+L, D)   optional, added to every output row
 //   out          (N, 1+L, D)   row 0 = x row 0, row 1+l = kept token or mask_token, (+ pos_embed)
 //
+// Decoder-side masking (not in the official code; len_decode = M >= 0, K + M <= L): the output
+// is in decoder order instead, out (N, 1+K+M, D): row 0 = cls, row 1+r = the patch l with
+// ids_restore[n, l] = r for every r < K + M (x row 1+r if r < K, else mask_token), plus that
+// patch's pos_embed row 1+l. Patches with ids_restore >= K + M are dropped (no row). Every kernel
+// walks the source slots t (0 = cls, 1+l = patch l) exactly as in the official layout; only the
+// output row a slot lands in changes (dest_row), so M = -1 (official) is today's code path.
+//
 // Backward (the official gather's scatter-add, with ids_restore a permutation):
 //   grad_x[n, 0]               = grad_out[n, 0]
 //   grad_x[n, 1+ids_restore[n,l]] = grad_out[n, 1+l]        for every kept l
@@ -33,7 +40,11 @@ struct Dims {
   int64_t L;  // patches (output has 1+L rows)
   int64_t K;  // kept patches, len_keep (x has 1+K rows)
   int64_t D;  // channels
+  int64_t M = -1;  // decoder-side masking: masked patches decoded (out has 1+K+M rows); -1: official
 };
+
+// Patch rows of the output: L (official layout), or K + M (decoder-side masking).
+MAE_FAST_HD int64_t out_rows(const Dims& d) { return d.M < 0 ? d.L : d.K + d.M; }
 
 // Rows of the output are handled in chunks of this many patches in the backward.
 constexpr int64_t kRowsPerChunk = 32;
@@ -46,7 +57,7 @@ MAE_FAST_HD int64_t num_chunks(const Dims& d) {
 }
 
 // Element offset of row t of sample n of out / grad_out.
-MAE_FAST_HD int64_t out_offset(const Dims& d, int64_t n, int64_t t) { return (n * (1 + d.L) + t) * d.D; }
+MAE_FAST_HD int64_t out_offset(const Dims& d, int64_t n, int64_t t) { return (n * (1 + out_rows(d)) + t) * d.D; }
 
 // Element offset of row s of sample n of x / grad_x.
 MAE_FAST_HD int64_t x_offset(const Dims& d, int64_t n, int64_t s) { return (n * (1 + d.K) + s) * d.D; }
@@ -68,7 +79,18 @@ MAE_FAST_HD int64_t source_row(const Dims& d, const int64_t* ids_restore, int64_
   return (r >= 0 && r < d.K) ? 1 + r : -1;
 }
 
-// Rows [first, last) of chunk c, as output rows t (1-based: patch l is row 1+l).
+// The output row that source slot t (0 = cls, 1+l = patch l) of sample n lands in: t itself in the
+// official layout; with decoder-side masking 1 + ids_restore[n, l] if that is < K + M, else -1
+// (dropped: no output row, no gradient). An index outside [0, K + M) is dropped, so a bad index
+// never makes a kernel write outside out (a repeated one leaves rows unwritten; the host-side
+// permutation check rejects it).
+MAE_FAST_HD int64_t dest_row(const Dims& d, const int64_t* ids_restore, int64_t n, int64_t t) {
+  if (t == 0 || d.M < 0) return t;
+  const int64_t r = ids_restore[n * d.L + (t - 1)];
+  return (r >= 0 && r < d.K + d.M) ? 1 + r : -1;
+}
+
+// Slots [first, last) of chunk c, as source slots t (1-based: patch l is slot 1+l).
 MAE_FAST_HD int64_t chunk_first_row(const Dims& d, int64_t c) { (void)d; return 1 + c * kRowsPerChunk; }
 MAE_FAST_HD int64_t chunk_last_row(const Dims& d, int64_t c) {
   const int64_t last = 1 + (c + 1) * kRowsPerChunk;

@@ -7,6 +7,12 @@ from the image pixels in registers: no patchified/normalised float target tensor
   backward: ``_masked_loss_bwd_kernel``  one program per patch: grad_pred (0 where mask == 0),
             and, when asked, grad_imgs through the target (norm_pix_loss included).
 
+Decoder-side masking (``ROW_IDS``, not in the official code): pred (N, R, P) holds only R
+decoded rows per sample and ``row_ids`` (N, R) int64 names the patch of each row; one program
+per row, every row weighs 1 (the loss is the mean over the N*R rows), no mask is read, and
+rows whose id lies outside [0, L) read nothing. The official path (ROW_IDS=False) compiles
+to the same code as before.
+
 Patches where mask == 0 (kept by the encoder) read no pixel and no prediction. Element
 ``(i, j, c)`` of patch ``l`` (pred's ``(p, q, c)`` order, as ``reference.patchify``) is pixel
 ``imgs[n, c, row * p + i, col * p + j]`` with ``row, col = divmod(l, grid_w)``.
@@ -97,21 +103,42 @@ def _patch_target(
 
 
 @triton.jit
+def _row_patch(pid, num_patches, mask_ptr, row_ids_ptr, img_patches, pred_ptr, stride_pl,
+               ROW_IDS: tl.constexpr):
+    """Program pid -> (n, patch l, weight, pred_ptr shifted so that ``_patch_target``'s row-l
+    addressing reads pred row r). Official: pid = (n, l), weight = mask[n, l]. ROW_IDS: pid =
+    (n, r) of pred (N, R, P), l = row_ids[n, r], weight 1 (0, reading nothing, if l is not in
+    [0, img_patches))."""
+    n = pid // num_patches
+    if ROW_IDS:
+        r = pid % num_patches
+        patch = tl.load(row_ids_ptr + pid)
+        valid = (patch >= 0) & (patch < img_patches)
+        l = tl.where(valid, patch, 0).to(tl.int32)
+        weight = tl.where(valid, 1.0, 0.0)
+        pred_rows_ptr = pred_ptr + (r - l).to(tl.int64) * stride_pl
+    else:
+        l = pid % num_patches
+        weight = tl.load(mask_ptr + pid).to(tl.float32)
+        pred_rows_ptr = pred_ptr
+    return n, l, weight, pred_rows_ptr
+
+
+@triton.jit
 def _masked_loss_fwd_kernel(
-    imgs_ptr, pred_ptr, mask_ptr, patch_loss_ptr, norm_ptr,
-    num_patches, grid_w,
+    imgs_ptr, pred_ptr, mask_ptr, row_ids_ptr, patch_loss_ptr, norm_ptr,
+    num_patches, img_patches, grid_w,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_pn, stride_pl, stride_pd,
     NORM_PIX: tl.constexpr, PIXEL_MAJOR: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
     TILE_0: tl.constexpr, TILE_1: tl.constexpr, TILE_2: tl.constexpr,
-    NORMALIZE: tl.constexpr = False, PIXEL_DTYPE: tl.constexpr = tl.float32,
+    ROW_IDS: tl.constexpr = False, NORMALIZE: tl.constexpr = False, PIXEL_DTYPE: tl.constexpr = tl.float32,
 ):
-    pid = tl.program_id(0)  # patch (n, l); mask is contiguous (N, L)
-    n = pid // num_patches
-    l = pid % num_patches
-    weight = tl.load(mask_ptr + pid).to(tl.float32)
+    pid = tl.program_id(0)  # patch (n, l); mask is contiguous (N, L) (ROW_IDS: pred row (n, r))
+    n, l, weight, pred_rows_ptr = _row_patch(pid, num_patches, mask_ptr, row_ids_ptr, img_patches,
+                                             pred_ptr, stride_pl, ROW_IDS)
     target, pred, inv_std, inside, patch_offs = _patch_target(
-        imgs_ptr, pred_ptr, n, l, grid_w, weight,
+        imgs_ptr, pred_rows_ptr, n, l, grid_w, weight,
         stride_in, stride_ic, stride_ih, stride_iw, stride_pn, stride_pl, stride_pd,
         NORM_PIX, PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2,
         norm_ptr, NORMALIZE, PIXEL_DTYPE)
@@ -123,16 +150,20 @@ def _masked_loss_fwd_kernel(
 @triton.jit
 def _masked_loss_reduce_kernel(
     patch_loss_ptr, mask_ptr, loss_ptr, mask_sum_ptr, total,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ROW_IDS: tl.constexpr,
 ):
-    """One program: fixed-order sums, so the loss is bit-identical run to run."""
+    """One program: fixed-order sums, so the loss is bit-identical run to run. ROW_IDS: every
+    row weighs 1, mask_sum = total (mask_ptr unused)."""
     offs = tl.arange(0, BLOCK)
     acc_loss = tl.zeros([BLOCK], dtype=tl.float32)
     acc_mask = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, total, BLOCK):
         inside = start + offs < total
         acc_loss += tl.load(patch_loss_ptr + start + offs, mask=inside, other=0.0)
-        acc_mask += tl.load(mask_ptr + start + offs, mask=inside, other=0.0).to(tl.float32)
+        if ROW_IDS:
+            acc_mask += tl.where(inside, 1.0, 0.0)
+        else:
+            acc_mask += tl.load(mask_ptr + start + offs, mask=inside, other=0.0).to(tl.float32)
     loss_sum = tl.sum(acc_loss, 0)
     mask_sum = tl.sum(acc_mask, 0)
     tl.store(loss_ptr, tl.div_rn(loss_sum, mask_sum).to(loss_ptr.dtype.element_ty))
@@ -141,29 +172,30 @@ def _masked_loss_reduce_kernel(
 
 @triton.jit
 def _masked_loss_bwd_kernel(
-    imgs_ptr, pred_ptr, mask_ptr, grad_loss_ptr, mask_sum_ptr, grad_pred_ptr, grad_imgs_ptr,
+    imgs_ptr, pred_ptr, mask_ptr, row_ids_ptr, grad_loss_ptr, mask_sum_ptr, grad_pred_ptr, grad_imgs_ptr,
     norm_ptr,
-    num_patches, grid_w,
+    num_patches, img_patches, grid_w,
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_pn, stride_pl, stride_pd,
     stride_gin, stride_gic, stride_gih, stride_giw,
     NORM_PIX: tl.constexpr, PIXEL_MAJOR: tl.constexpr, CHANS: tl.constexpr, PATCH: tl.constexpr,
     TILE_0: tl.constexpr, TILE_1: tl.constexpr, TILE_2: tl.constexpr, GRAD_IMGS: tl.constexpr,
-    NORMALIZE: tl.constexpr = False, PIXEL_DTYPE: tl.constexpr = tl.float32,
+    ROW_IDS: tl.constexpr = False, NORMALIZE: tl.constexpr = False, PIXEL_DTYPE: tl.constexpr = tl.float32,
 ):
     """grad_pred = grad_loss * mask / sum(mask) * 2 (pred - target) / P; grad_pred is
     contiguous (N, L, P). With GRAD_IMGS, grad_target = -grad_pred goes back through the
     target: norm_pix_loss's t = (x - mean) * inv_std with unbiased var gives
-    grad_x = inv_std * (g - mean(g) - t * sum(g * t) / (P - 1))."""
+    grad_x = inv_std * (g - mean(g) - t * sum(g * t) / (P - 1)).
+    ROW_IDS: grad_pred is contiguous (N, R, P); grad_imgs is written only at the rows' patches
+    (the launcher zero-fills it)."""
     pid = tl.program_id(0)
-    n = pid // num_patches
-    l = pid % num_patches
+    n, l, weight, pred_rows_ptr = _row_patch(pid, num_patches, mask_ptr, row_ids_ptr, img_patches,
+                                             pred_ptr, stride_pl, ROW_IDS)
     count = CHANS * PATCH * PATCH
-    weight = tl.load(mask_ptr + pid).to(tl.float32)
     scale = (tl.load(grad_loss_ptr).to(tl.float32) * weight / tl.load(mask_sum_ptr)
              * 2.0 / count)
     target, pred, inv_std, inside, patch_offs = _patch_target(
-        imgs_ptr, pred_ptr, n, l, grid_w, weight,
+        imgs_ptr, pred_rows_ptr, n, l, grid_w, weight,
         stride_in, stride_ic, stride_ih, stride_iw, stride_pn, stride_pl, stride_pd,
         NORM_PIX, PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2,
         norm_ptr, NORMALIZE, PIXEL_DTYPE)
@@ -182,9 +214,12 @@ def _masked_loss_bwd_kernel(
         _, gi_offs, _ = _tile_offsets(
             n, l, grid_w, stride_gin, stride_gic, stride_gih, stride_giw,
             PIXEL_MAJOR, CHANS, PATCH, TILE_0, TILE_1, TILE_2)
+        store = inside
+        if ROW_IDS:  # an invalid row id writes nothing (its l is a stand-in 0)
+            store = inside & ((weight + tl.zeros([TILE_0, TILE_1, TILE_2], tl.float32)) != 0.0)
         tl.store(grad_imgs_ptr + gi_offs,
                  tl.where(inside, grad_pixels, 0.0).to(grad_imgs_ptr.dtype.element_ty),
-                 mask=inside)
+                 mask=store)
 
 
 _REDUCE_BLOCK = 1024
@@ -220,47 +255,66 @@ def _norm_arg(pixel_norm, unused):
     return unused if pixel_norm is None else pixel_norm.contiguous()
 
 
+def _index_args(mask, row_ids):
+    """(mask, row_ids, ROW_IDS) as the kernels take them, contiguous: the one not in use is
+    passed as a stand-in pointer (the other tensor) that the kernel never reads."""
+    if row_ids is None:
+        mask = mask.contiguous()
+        return mask, mask, False
+    row_ids = row_ids.contiguous()
+    return row_ids, row_ids, True
+
+
 @on_tensor_device
 def masked_loss_fwd(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, loss_dtype,
-                    pixel_norm=None, pixel_dtype=None):
+                    pixel_norm=None, pixel_dtype=None, row_ids=None):
     """imgs (N, C, H, W) any strides; pred (N, L, P) any strides; mask (N, L) ->
     (loss 0-dim in loss_dtype, mask_sum 0-dim fp32). uint8 imgs: pixel_norm (2, C) fp32 (mean,
-    std rows) and pixel_dtype, the normalised image's dtype."""
+    std rows) and pixel_dtype, the normalised image's dtype.
+    row_ids (N, R) int64 (decoder-side masking): pred is (N, R, P), row r of sample n predicts
+    patch row_ids[n, r]; mask is not read (pass None); mask_sum = N * R."""
     N, C, H, W = imgs.shape
-    L = pred.shape[1]
-    mask = mask.contiguous()
+    L = pred.shape[1]  # rows per sample (R with row_ids)
+    img_patches = (H // patch_size) * (W // patch_size)
+    mask, row_ids, row_ids_on = _index_args(mask, row_ids)
     patch_loss = torch.empty(N * L, dtype=torch.float32, device=imgs.device)
     loss = torch.empty((), dtype=loss_dtype, device=imgs.device)
     mask_sum = torch.empty((), dtype=torch.float32, device=imgs.device)
     if N * L:
         _masked_loss_fwd_kernel[(N * L,)](
-            imgs, pred, mask, patch_loss, _norm_arg(pixel_norm, patch_loss),
-            L, W // patch_size,
+            imgs, pred, mask, row_ids, patch_loss, _norm_arg(pixel_norm, patch_loss),
+            L, img_patches, W // patch_size,
             *imgs.stride(), *pred.stride(),
-            NORM_PIX=norm_pix_loss, **_launch_args(imgs, patch_size, pixel_dtype))
+            NORM_PIX=norm_pix_loss, ROW_IDS=row_ids_on, **_launch_args(imgs, patch_size, pixel_dtype))
     _masked_loss_reduce_kernel[(1,)](patch_loss, mask, loss, mask_sum, N * L,
-                                     BLOCK=_REDUCE_BLOCK, num_warps=4)
+                                     BLOCK=_REDUCE_BLOCK, ROW_IDS=row_ids_on, num_warps=4)
     return loss, mask_sum
 
 
 @on_tensor_device
 def masked_loss_bwd(grad_loss, imgs, pred, mask, mask_sum, patch_size: int,
-                    norm_pix_loss: bool, grad_imgs_wanted: bool, pixel_norm=None, pixel_dtype=None):
-    """-> (grad_pred (N, L, P) contiguous in pred's dtype, grad_imgs like imgs or None)."""
+                    norm_pix_loss: bool, grad_imgs_wanted: bool, pixel_norm=None, pixel_dtype=None,
+                    row_ids=None):
+    """-> (grad_pred (N, L, P) contiguous in pred's dtype, grad_imgs like imgs or None).
+    pixel_norm, pixel_dtype, row_ids: as in ``masked_loss_fwd`` (with row_ids: grad_pred
+    (N, R, P); grad_imgs zero elsewhere)."""
     N, C, H, W = imgs.shape
-    L = pred.shape[1]
-    mask = mask.contiguous()
+    L = pred.shape[1]  # rows per sample (R with row_ids)
+    img_patches = (H // patch_size) * (W // patch_size)
+    mask, row_ids, row_ids_on = _index_args(mask, row_ids)
     grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     fmt = torch.channels_last if _pixel_major(imgs) else torch.contiguous_format
     grad_imgs = (torch.empty(imgs.shape, dtype=imgs.dtype, device=imgs.device, memory_format=fmt)
                  if grad_imgs_wanted else None)
+    if grad_imgs_wanted and row_ids_on:
+        grad_imgs.zero_()  # only the rows' patches are written
     gi = grad_imgs if grad_imgs_wanted else grad_pred  # unused pointer when not wanted
     gi_strides = grad_imgs.stride() if grad_imgs_wanted else (0, 0, 0, 0)
     if N * L:
         _masked_loss_bwd_kernel[(N * L,)](
-            imgs, pred, mask, grad_loss, mask_sum, grad_pred, gi, _norm_arg(pixel_norm, grad_pred),
-            L, W // patch_size,
+            imgs, pred, mask, row_ids, grad_loss, mask_sum, grad_pred, gi, _norm_arg(pixel_norm, grad_pred),
+            L, img_patches, W // patch_size,
             *imgs.stride(), *pred.stride(), *gi_strides,
-            NORM_PIX=norm_pix_loss, GRAD_IMGS=grad_imgs_wanted,
+            NORM_PIX=norm_pix_loss, GRAD_IMGS=grad_imgs_wanted, ROW_IDS=row_ids_on,
             **_launch_args(imgs, patch_size, pixel_dtype))
     return grad_pred, grad_imgs

@@ -458,18 +458,57 @@ def _charge_masked_loss_backward(counter, args, kwargs, out):
     return Charge(read, written, 1)
 
 
+def _charge_masked_loss_rows(counter, args, kwargs, out):
+    # decoder-side masking (ROW_IDS): every row of pred_rows is a decoded patch
+    imgs, pred_rows, row_ids = args[:3]
+    loss, count = out
+    N, R, P = pred_rows.shape
+    patch_loss = N * R * 4
+    # kernel 1: row_ids, imgs + pred of every row -> patch_loss
+    fwd = Charge(tensor_bytes(row_ids) + N * R * P * (_el(imgs) + _el(pred_rows)), patch_loss, 1)
+    # kernel 2 (one program, no mask to read): patch_loss -> loss, count
+    reduce = Charge(patch_loss, tensor_bytes(loss) + tensor_bytes(count), 1)
+    return fwd + reduce
+
+
+def _charge_masked_loss_rows_backward(counter, args, kwargs, out):
+    grad_loss, imgs, pred_rows, row_ids, count, p, norm_pix, grad_imgs_wanted = args[:8]
+    grad_pred, grad_imgs = out
+    N, R, P = pred_rows.shape
+    read = (tensor_bytes(row_ids) + tensor_bytes(grad_loss) + tensor_bytes(count)
+            + N * R * P * (_el(imgs) + _el(pred_rows)))
+    kernel = Charge(read, tensor_bytes(grad_pred) + (N * R * P * _el(imgs) if grad_imgs_wanted else 0), 1)
+    # grad_imgs.zero_(): only the rows' patches are written by the kernel
+    zero_fill = Charge(0, tensor_bytes(grad_imgs), 1) if grad_imgs_wanted else Charge(0, 0, 0)
+    return zero_fill + kernel
+
+
 def _charge_random_masking(counter, args, kwargs, out):
     # random_masking_kernel: one block per row reads the row of noise, writes the three outputs
     return Charge(tensor_bytes(args[0]), sum(tensor_bytes(t) for t in out), 1)
 
 
+def _decoded_pos_rows(ids_restore: torch.Tensor, rows: int) -> int:
+    """Decoder-side masking: pos rows the forward reads, cls + the patches some sample decodes
+    (ids_restore < rows); on meta every patch (an upper bound)."""
+    if ids_restore.device.type == "meta":
+        return 1 + ids_restore.shape[1]
+    return 1 + int((ids_restore < rows).any(dim=0).sum())
+
+
 def _charge_unshuffle_scatter(counter, args, kwargs, out):
-    # forward_kernel: each output row reads ids_restore[n, l], its source row (a kept row of x or
-    # the mask token) and its pos row, writes the row
+    # forward_kernel: each source slot reads ids_restore[n, l], its source row (a kept row of x or
+    # the mask token) and its pos row, writes its output row (none if dropped: len_decode >= 0)
     x, mask_token, ids_restore = args[:3]
     pos = args[3] if len(args) > 3 else kwargs.get("pos_embed")
-    read = (tensor_bytes(x) + tensor_bytes(mask_token) + tensor_bytes(ids_restore)
-            + (tensor_bytes(pos) if pos is not None else 0))
+    len_decode = args[4] if len(args) > 4 else kwargs.get("len_decode", -1)
+    if pos is None:
+        pos_read = 0
+    elif len_decode < 0:
+        pos_read = tensor_bytes(pos)
+    else:
+        pos_read = _decoded_pos_rows(ids_restore, x.shape[1] - 1 + len_decode) * pos.shape[2] * _el(pos)
+    read = tensor_bytes(x) + tensor_bytes(mask_token) + tensor_bytes(ids_restore) + pos_read
     return Charge(read, tensor_bytes(out), 1)
 
 
@@ -480,8 +519,8 @@ UNSHUFFLE_ROWS_PER_CHUNK = 32
 def _charge_unshuffle_scatter_backward(counter, args, kwargs, out):
     grad_out, ids_restore, len_keep = args[:3]
     grad_x, grad_mask_token = out
-    N, T, D = grad_out.shape
-    L = T - 1
+    N, L = ids_restore.shape  # chunks of source slots (grad_out has 1+L or 1+K+M rows)
+    D = grad_out.shape[2]
     acc = 8 if grad_out.dtype == torch.float64 else 4
     partial = N * math.ceil(L / UNSHUFFLE_ROWS_PER_CHUNK) * D * acc  # (N, chunks, D) fp32
     rows = Charge(tensor_bytes(grad_out) + tensor_bytes(ids_restore),
@@ -560,6 +599,8 @@ KERNEL_CHARGES: Dict[str, Callable[..., Charge]] = {
     "mae_fast::mlp_fc2": _charge_mlp_fc2,
     "mae_fast::mlp_fc2_gelu_grad": _charge_mlp_fc2_gelu_grad,
     "mae_fast::linear_weight_grad": _charge_linear_weight_grad,
+    "mae_fast::masked_loss_rows": _charge_masked_loss_rows,
+    "mae_fast::masked_loss_rows_backward": _charge_masked_loss_rows_backward,
 }
 
 
@@ -745,6 +786,10 @@ def instrument_mae(counter: TrafficCounter):
         (ops, "patch_embed_masked", _in_region(counter, "encoder input", ops.patch_embed_masked)),
         (ops, "unshuffle", _in_region(counter, "decoder input", ops.unshuffle)),
         (ops, "masked_loss", _in_region(counter, "loss", ops.masked_loss)),
+        # decoder-side masking (decoder_mask_ratio > 0)
+        (ops, "unshuffle_subset", _in_region(counter, "decoder input", ops.unshuffle_subset)),
+        (ops, "masked_loss_rows", _in_region(counter, "loss", ops.masked_loss_rows)),
+        (model.reference, "decoder_ids", _in_region(counter, "decoder input", model.reference.decoder_ids)),
     ]
     noise = model.MaskedAutoencoderViT.__dict__.get("_noise")  # draws the masking noise
     if isinstance(noise, staticmethod):

@@ -20,7 +20,18 @@ def _decode_auto() -> str:
     return f"{mode} ({why}; torchvision {_version('torchvision')})" if mode == "torchvision" else f"{mode} ({why})"
 
 
-def report(backend: str = "auto") -> str:
+def decoder_masking_line(decoder_mask_ratio: float = 0.0, num_patches: int = 196, mask_ratio: float = 0.75) -> str:
+    """Whether decoder-side masking (``decoder_mask_ratio``, not in the official MAE) is on."""
+    if not decoder_mask_ratio:
+        return "decoder-side masking: off (decoder_mask_ratio=0, the official decoder)"
+    from .reference import num_decode, num_keep
+    len_mask = num_patches - num_keep(num_patches, mask_ratio)
+    return (f"decoder-side masking: ON (decoder_mask_ratio={decoder_mask_ratio}): the decoder sees "
+            f"{num_decode(len_mask, decoder_mask_ratio)} of the {len_mask} masked patches at {num_patches} "
+            f"patches, mask {mask_ratio} (unshuffle: its len_decode path; loss: masked_loss_rows)")
+
+
+def report(backend: str = "auto", decoder_mask_ratio: float = 0.0) -> str:
     import torch
 
     from . import __version__, _ext, backends
@@ -61,6 +72,7 @@ def report(backend: str = "auto") -> str:
     except ValueError as e:
         mode = f"ERROR {e}"
     lines.append(f"MLP GEMM path (opt-in, MAE_FAST_MLP=gemm; GPU speed not measured): {mode}")
+    lines.append(decoder_masking_line(decoder_mask_ratio))
     lines += ["contrastive MAE (CAN-style InfoNCE over two masked views, mae_fast.ContrastiveMAE): off by default; "
               "on with `mae-fast pretrain --contrastive-weight W` (the run header then says so); the plain "
               "MaskedAutoencoderViT never runs it"]
@@ -70,8 +82,10 @@ def report(backend: str = "auto") -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mae_fast.info", description=__doc__)
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "fast"))
+    parser.add_argument("--decoder-mask-ratio", type=float, default=0.0,
+                        help="say what decoder-side masking at this ratio decodes (ViT-B/16, mask 0.75)")
     args = parser.parse_args(argv)
-    print(report(args.backend))
+    print(report(args.backend, args.decoder_mask_ratio))
     return 0
 
 

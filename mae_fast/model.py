@@ -1,7 +1,8 @@
 """MaskedAutoencoderViT: a drop-in for facebookresearch/mae ``models_mae.py``.
 
 Same constructor, same methods, same ``forward(imgs, mask_ratio=0.75) -> (loss, pred, mask)``,
-same state_dict keys. The memory-bound glue (encoder input, decoder input, loss) goes through
+same state_dict keys. One opt-in extension, off by default: ``decoder_mask_ratio`` (decoder-side
+masking, see ``forward``). The memory-bound glue (encoder input, decoder input, loss) goes through
 ``mae_fast.ops``, whose backends are chosen by ``mae_fast.backends``; ``backend="reference"``
 runs the official math everywhere.
 """
@@ -25,9 +26,11 @@ class MaskedAutoencoderViT(nn.Module):
                  embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
-                 *, backend="auto", attn_backend=None, input_mean=None, input_std=None):
+                 *, backend="auto", attn_backend=None, input_mean=None, input_std=None,
+                 decoder_mask_ratio=0.0):
         super().__init__()
         self.backend = check_backend(backend)
+        self.set_decoder_mask_ratio(decoder_mask_ratio)
         # --------------------------------------------------------------------------
         # MAE encoder specifics
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -155,6 +158,11 @@ class MaskedAutoencoderViT(nn.Module):
             blk.attn.fused_qkv = bool(fused)
             blk.fused_norm = bool(fused)
             blk.backend = self.backend
+
+    def set_decoder_mask_ratio(self, decoder_mask_ratio: float = 0.0):
+        """Decoder-side masking (see ``forward``): the fraction of the encoder-masked patches
+        dropped before the decoder; 0 (default) is the official model."""
+        self.decoder_mask_ratio = self._check_decoder_mask_ratio(decoder_mask_ratio)
 
     def set_grad_checkpointing(self, enable: bool = True):
         """Activation checkpointing: each encoder/decoder block keeps only its input and is
@@ -288,12 +296,19 @@ class MaskedAutoencoderViT(nn.Module):
 
         return x, mask, ids_restore
 
-    def forward_decoder(self, x, ids_restore):
+    def forward_decoder(self, x, ids_restore, len_decode=None):
+        """x: latent (N, 1+K, D); ids_restore (N, L) -> pred (N, L, p*p*C) (official).
+        len_decode = M (decoder-side masking): the decoder sees cls + the K visible tokens + M mask
+        tokens (``reference.decoder_ids`` order), and pred is (N, K+M, p*p*C) in that order."""
         # embed tokens
         x = self.decoder_embed(x)
 
         # append mask tokens to sequence, unshuffle, add pos embed
-        x = ops.unshuffle(x, self.mask_token, ids_restore, self.decoder_pos_embed, backend=self.backend)
+        if len_decode is None:
+            x = ops.unshuffle(x, self.mask_token, ids_restore, self.decoder_pos_embed, backend=self.backend)
+        else:  # decoder-side masking: only M of the masked patches get a token
+            x = ops.unshuffle_subset(x, self.mask_token, ids_restore, len_decode, self.decoder_pos_embed,
+                                     backend=self.backend)
 
         # apply Transformer blocks
         x = self._blocks_then_norm(self.decoder_blocks, self.decoder_norm, x)
@@ -306,12 +321,20 @@ class MaskedAutoencoderViT(nn.Module):
 
         return x
 
-    def forward_loss(self, imgs, pred, mask):
+    def forward_loss(self, imgs, pred, mask, ids_decoded=None):
         """
         imgs: [N, C, H, W]
         pred: [N, L, p*p*C]
         mask: [N, L], 0 is keep, 1 is remove,
+        ids_decoded (decoder-side masking): [N, M] patch of each row of pred [N, M, p*p*C];
+        the loss is then the mean over these N*M patches (mask is not used).
         """
+        if ids_decoded is not None:
+            if type(self).patchify is not MaskedAutoencoderViT.patchify:  # a subclass's own patchify
+                return reference.masked_loss_subset_on_target(self.patchify(self.normalize_input(imgs)), pred,
+                                                              ids_decoded, self.norm_pix_loss)
+            return ops.masked_loss_rows(imgs, pred, ids_decoded, self.patch_size, self.norm_pix_loss,
+                                        backend=self.backend, **self._pixel_args(imgs))
         if type(self).patchify is not MaskedAutoencoderViT.patchify:  # a subclass's own patchify
             return reference.masked_loss_on_target(self.patchify(self.normalize_input(imgs)), pred,
                                                    mask, self.norm_pix_loss)
@@ -319,9 +342,29 @@ class MaskedAutoencoderViT(nn.Module):
                                **self._pixel_args(imgs))
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
+        """-> (loss, pred (N, L, p*p*C), mask (N, L), 1 = removed by the encoder), as the official.
+
+        decoder_mask_ratio > 0 (decoder-side masking, VideoMAE V2 / CrossMAE style; not in the
+        official code): of the L - K masked patches, in noise order, the first
+        M = ``reference.num_decode(L - K, decoder_mask_ratio)`` get a mask token in the decoder
+        and the rest are dropped before it (``reference.decoder_ids``: ``noise`` fixes both sets).
+        The loss is the mean over the M decoded patches only. pred keeps the official shape:
+        rows of visible and decoded patches hold the decoder's prediction, rows of dropped
+        patches are 0 (not computed)."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
-        loss = self.forward_loss(imgs, pred, mask)
+        if not self.decoder_mask_ratio:  # the official path
+            pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
+            loss = self.forward_loss(imgs, pred, mask)
+            return loss, pred, mask
+        N, L = ids_restore.shape
+        len_keep = latent.shape[1] - 1
+        len_decode = self._len_decode(L - len_keep)
+        ids_decode = reference.decoder_ids(ids_restore, len_keep, len_decode)  # (N, K+M)
+        pred_rows = self.forward_decoder(latent, ids_restore, len_decode)  # (N, K+M, p*p*C)
+        # the loss reads the decoded masked rows in place (a view: no copy)
+        loss = self.forward_loss(imgs, pred_rows[:, len_keep:, :], mask, ids_decode[:, len_keep:])
+        pred = pred_rows.new_zeros((N, L, pred_rows.shape[2]))
+        pred = pred.scatter(1, ids_decode.unsqueeze(-1).expand(-1, -1, pred_rows.shape[2]), pred_rows)
         return loss, pred, mask
 
     # ------------------------------------------------------------------------------
@@ -368,6 +411,22 @@ class MaskedAutoencoderViT(nn.Module):
                             "(cast the model or the images, or use torch.autocast)")
         if imgs.device != self.cls_token.device:
             raise ValueError(f"imgs are on {imgs.device}, the model on {self.cls_token.device}")
+
+    @staticmethod
+    def _check_decoder_mask_ratio(decoder_mask_ratio):
+        if isinstance(decoder_mask_ratio, bool) or not isinstance(decoder_mask_ratio, (int, float)):
+            raise TypeError(f"decoder_mask_ratio must be a float in [0, 1), got {decoder_mask_ratio!r}")
+        if not 0.0 <= decoder_mask_ratio < 1.0:
+            raise ValueError(f"decoder_mask_ratio must be in [0, 1), got {decoder_mask_ratio}")
+        return float(decoder_mask_ratio)
+
+    def _len_decode(self, len_mask):
+        """Masked patches the decoder reconstructs (decoder-side masking): at least 1."""
+        len_decode = reference.num_decode(len_mask, self.decoder_mask_ratio)
+        if len_decode < 1:
+            raise ValueError(f"decoder_mask_ratio={self.decoder_mask_ratio} decodes none of the "
+                             f"{len_mask} masked patches (lower it, or the encoder's mask_ratio)")
+        return len_decode
 
     @staticmethod
     def _len_keep(L, mask_ratio):

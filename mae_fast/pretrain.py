@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-ratio", type=float, default=None,
                    help="fraction of patches removed (default: 0.75; 0.5 per view with --contrastive-weight, as CAN)")
     g.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised pixels as target")
+    g.add_argument("--decoder-mask-ratio", type=float, default=0.0,
+                   help="decoder-side masking: fraction of the masked patches dropped before the decoder "
+                        "(loss on the decoded rest); 0 = official")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each encoder/decoder block in the backward pass instead of keeping its "
                         "activations (less memory, about one more forward per step)")
@@ -219,6 +222,8 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
         (args.accum_iter > 0, f"--accum-iter must be > 0, got {args.accum_iter}"),
         (args.input_size > 0, f"--input-size must be > 0, got {args.input_size}"),
         (0.0 <= args.mask_ratio < 1.0, f"--mask-ratio must be in [0, 1), got {args.mask_ratio}"),
+        (0.0 <= args.decoder_mask_ratio < 1.0,
+         f"--decoder-mask-ratio must be in [0, 1), got {args.decoder_mask_ratio}"),
         (args.blr > 0 and (args.lr is None or args.lr > 0), "learning rates must be > 0"),
         (args.min_lr >= 0, f"--min-lr must be >= 0, got {args.min_lr}"),
         (args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
@@ -397,6 +402,7 @@ def _setup_run(args, rank, world_size, device, distributed, resume=None) -> Simp
     model_without_ddp.set_input_normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     seed_process(args.seed + rank)
     model_without_ddp.set_grad_checkpointing(args.grad_checkpointing)
+    model_without_ddp.set_decoder_mask_ratio(args.decoder_mask_ratio)
     amp_dtype, amp_reason = resolve_amp(args.amp, device, width=model_without_ddp.cls_token.shape[-1])
     if amp_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--amp bf16 but this GPU has no bfloat16; use --amp fp16")
@@ -481,6 +487,9 @@ def _print_header(say, args, model, optimizer, data_desc, device, world_size, am
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"mae-fast pretrain: {args.model} ({n_params / 1e6:.2f}M params), {args.input_size}px, "
         f"patch {model.patch_size}, mask {args.mask_ratio}, norm_pix_loss={args.norm_pix_loss}")
+    if args.decoder_mask_ratio:
+        from .info import decoder_masking_line
+        say(decoder_masking_line(args.decoder_mask_ratio, model.patch_embed.num_patches, args.mask_ratio))
     say(f"data: {data_desc}")
     say(f"device {device}, {world_size} process(es), amp {AMP_NAMES[amp_dtype]} ({amp_reason}), "
         f"{torch.get_num_threads()} CPU threads, {num_workers} loader workers")

@@ -95,6 +95,62 @@ def unshuffle(x, mask_token, ids_restore, pos_embed=None):
     return x
 
 
+def num_decode(len_mask: int, decoder_mask_ratio: float) -> int:
+    """Masked patches the decoder reconstructs under decoder-side masking (not in the official
+    code): int(len_mask * (1 - decoder_mask_ratio)), the same rounding as ``num_keep``."""
+    return int(len_mask * (1 - decoder_mask_ratio))
+
+
+def decoder_ids(ids_restore: torch.Tensor, len_keep: int, len_decode: int) -> torch.Tensor:
+    """Decoder-side masking (not in the official code): the patch of each decoder row.
+
+    ids_restore (N, L) -> ids_decode (N, len_keep + len_decode) = ids_shuffle[:, :K+M]: the
+    len_keep visible patches (in ids_keep's order), then the first len_decode masked patches in
+    noise order (a uniformly random subset of the masked ones, fixed by ``noise``). The rest of
+    the masked patches (noise order len_keep + len_decode ..) are dropped before the decoder.
+    """
+    ids_shuffle = torch.argsort(ids_restore, dim=1)  # the inverse permutation
+    return ids_shuffle[:, :len_keep + len_decode]
+
+
+def unshuffle_subset(x, mask_token, ids_restore, len_decode: int, pos_embed=None):
+    """Decoder input under decoder-side masking: cls + visible tokens + len_decode mask tokens,
+    in decoder order (``decoder_ids``), each with the positional row of its patch.
+
+    x (N, 1+K, D); mask_token (1, 1, D); ids_restore (N, L); pos_embed (1, 1+L, D) or None
+    -> (N, 1+K+M, D) with M = len_decode; row 1+s holds patch ``decoder_ids(...)[n, s]``.
+    """
+    N, K, D = x.shape[0], x.shape[1] - 1, x.shape[2]
+    mask_tokens = mask_token.repeat(N, len_decode, 1)
+    x = torch.cat([x, mask_tokens], dim=1)  # cls, visible, decoded mask tokens
+    if pos_embed is not None:
+        ids_decode = decoder_ids(ids_restore, K, len_decode)  # (N, K+M)
+        pos = torch.gather(pos_embed[:, 1:, :].expand(N, -1, -1), dim=1,
+                           index=ids_decode.unsqueeze(-1).repeat(1, 1, D))
+        x = x + torch.cat([pos_embed[:, :1, :].expand(N, -1, -1), pos], dim=1)
+    return x
+
+
+def masked_loss_subset(imgs, pred_rows, ids_rows, patch_size: int, norm_pix_loss: bool):
+    """Loss of decoder-side masking: the mean per-patch loss over the given rows only.
+
+    imgs (N, C, H, W); pred_rows (N, M, p*p*C) predictions of patches ids_rows (N, M) -> scalar
+    = mean over the N*M rows of mean_j (pred - target)^2 (the official loss with mask = 1 on
+    exactly these patches).
+    """
+    return masked_loss_subset_on_target(patchify(imgs, patch_size), pred_rows, ids_rows, norm_pix_loss)
+
+
+def masked_loss_subset_on_target(target, pred_rows, ids_rows, norm_pix_loss: bool):
+    """target (N, L, p*p*C); pred_rows (N, M, p*p*C); ids_rows (N, M) -> ``masked_loss_subset``."""
+    target = torch.gather(target, dim=1, index=ids_rows.unsqueeze(-1).repeat(1, 1, target.shape[2]))
+    if norm_pix_loss:
+        target = norm_pix_target(target)
+    loss = (pred_rows - target) ** 2
+    loss = loss.mean(dim=-1)  # [N, M], mean loss per decoded patch
+    return loss.sum() / loss.numel()
+
+
 def masked_loss(imgs, pred, mask, patch_size: int, norm_pix_loss: bool):
     """imgs (N, C, H, W); pred (N, L, p*p*C); mask (N, L), 1 = removed -> scalar loss."""
     return masked_loss_on_target(patchify(imgs, patch_size), pred, mask, norm_pix_loss)
@@ -103,12 +159,17 @@ def masked_loss(imgs, pred, mask, patch_size: int, norm_pix_loss: bool):
 def masked_loss_on_target(target, pred, mask, norm_pix_loss: bool):
     """target, pred (N, L, p*p*C); mask (N, L), 1 = removed -> scalar loss (official forward_loss)."""
     if norm_pix_loss:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
+        target = norm_pix_target(target)
     loss = (pred - target) ** 2
     loss = loss.mean(dim=-1)  # [N, L], mean loss per patch
     return (loss * mask).sum() / mask.sum()  # mean loss on removed patches
+
+
+def norm_pix_target(target):
+    """The official norm_pix_loss target: each patch (last dim) to zero mean, unit (unbiased) var."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + 1.0e-6) ** 0.5
 
 
 def attention(q, k, v, scale: float):

@@ -301,6 +301,49 @@ def test_unshuffle_charges(dtype):
         N * (1 + L) * D * e + N * L * 8 + partial, N * (1 + K) * D * e + partial + D * e, 2)
 
 
+@pytest.mark.skipif(not _ext.has_op("unshuffle_scatter"), reason="mae_fast._C not built")
+def test_unshuffle_charges_decoder_masking():
+    """len_decode = M: forward reads every x row, ids_restore, and the pos rows of cls + the
+    patches some sample decodes, writes (N, 1+K+M, D); backward reads the (N, 1+K+M, D)
+    grad_out, with the same chunks of source slots as the official layout."""
+    N, L, K, M, D = 3, 70, 17, 9, 24
+    x, mask_token, pos = torch.randn(N, 1 + K, D), torch.randn(1, 1, D), torch.randn(1, 1 + L, D)
+    ids_restore = torch.argsort(torch.rand(N, L), dim=1)
+    counter = TrafficCounter()
+    with counter:
+        out = torch.ops.mae_fast.unshuffle_scatter(x, mask_token, ids_restore, pos, M)
+        torch.ops.mae_fast.unshuffle_scatter_backward(out, ids_restore, K, M)
+    fwd, bwd = counter.log
+    decoded_patches = {l for n in range(N) for l in range(L) if ids_restore[n, l] < K + M}
+    assert len(decoded_patches) < L  # some patch is dropped by every sample: fewer pos rows read
+    assert (fwd.read, fwd.written, fwd.launches) == (
+        N * (1 + K) * D * 4 + D * 4 + N * L * 8 + (1 + len(decoded_patches)) * D * 4, N * (1 + K + M) * D * 4, 1)
+    partial = N * math.ceil(L / 32) * D * 4
+    assert (bwd.read, bwd.written, bwd.launches) == (
+        N * (1 + K + M) * D * 4 + N * L * 8 + partial, N * (1 + K) * D * 4 + partial + D * 4, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_loss_rows_charges(dtype):
+    """Decoder-side masking's loss: forward reads row_ids and every row's pred + pixels (pred a
+    strided view), reduces without a mask; backward zero-fills grad_imgs when wanted."""
+    from mae_fast.ops.loss import masked_loss_rows_backward, masked_loss_rows_op
+    N, C, H, W, p = 2, 3, 8, 12, 4
+    P, K, M = C * p * p, 2, 3
+    imgs = torch.randn(N, C, H, W).to(dtype)
+    pred_rows = torch.randn(N, 1 + K + M, P).to(dtype)[:, 1 + K:, :]
+    row_ids = torch.tensor([[4, 0, 2], [1, 5, 3]])
+    probe = assert_charge_is_real(masked_loss_rows_op, imgs, pred_rows, row_ids, p, True,
+                                  kernels=["_masked_loss_fwd_kernel", "_masked_loss_reduce_kernel"])
+    e = imgs.element_size()
+    assert probe.launches[0].loaded == N * M * 8 + N * M * P * 2 * e
+    assert probe.launches[1].loaded == N * M * 4  # no mask read
+    loss, count = masked_loss_rows_op(imgs, pred_rows, row_ids, p, True)
+    for want_imgs in (False, True):
+        assert_charge_is_real(masked_loss_rows_backward, torch.ones((), dtype=loss.dtype), imgs, pred_rows,
+                              row_ids, count, p, True, want_imgs, kernels=["_masked_loss_bwd_kernel"])
+
+
 @pytest.mark.skipif(not _ext.has_op("random_masking"), reason="mae_fast._C not built")
 def test_random_masking_charge():
     noise = torch.rand(3, 50)

@@ -66,9 +66,14 @@ VARIANTS = {
     "patch_embed_gemm_kernel": ("gemm fp32 IEEE", "gemm bf16 MMA p14", "gemm fp32 IEEE p14"),
     "patch_embed_gemm_bwd_kernel": ("gemm bwd fp32 IEEE", "gemm bwd bf16 MMA p14", "gemm bwd fp32 IEEE p14"),
     "masked_loss_bwd_kernel": ("loss bwd normpix p14", "loss bwd normpix p14 pred[:, 1:] (8-B aligned)",
-                               "loss bwd normpix+imgs p14 fp32 pred[:, 1:]"),
+                               "loss bwd normpix+imgs p14 fp32 pred[:, 1:]",
+                               # decoder-side masking's ROW_IDS path (issue 16 part 2)
+                               "loss bwd normpix+imgs rows (decoder masking)",
+                               "loss bwd normpix+imgs p14 rows (decoder masking, 8-B aligned)"),
     "masked_loss_fwd_kernel": ("loss fwd normpix p14 pred[:, 1:] (8-B aligned)",
-                               "loss fwd normpix p14 fp32 pred[:, 1:]"),
+                               "loss fwd normpix p14 fp32 pred[:, 1:]",
+                               "loss fwd normpix rows (decoder masking)",
+                               "loss fwd normpix p14 rows (decoder masking, 8-B aligned)"),
 }
 
 

@@ -100,6 +100,15 @@ def launches():
     imgs_u8 = torch.empty(N, C, H, W, dtype=torch.uint8, device=meta)
     imgs_u8_nhwc = imgs_u8.to(memory_format=torch.channels_last)
     pixel_norm = torch.empty(2, C, device=meta)  # mean row, std row
+    # decoder-side masking (decoder_mask_ratio 0.5): the loss reads decoder_pred(x)[:, 1 + K:, :]
+    # (M decoded rows; 16-byte aligned at patch 16, 8-byte at patch 14 in bf16) with row_ids (N, M)
+    M = (L - K) // 2
+    pred_rows = torch.empty(N, 1 + K + M, P, dtype=torch.bfloat16, device=meta)[:, 1 + K:, :]
+    row_ids = torch.empty(N, M, dtype=torch.long, device=meta)
+    K14 = L14 // 4
+    M14 = (L14 - K14) // 2
+    pred14_rows = torch.empty(N, 1 + K14 + M14, C * 14 * 14, dtype=torch.bfloat16, device=meta)[:, 1 + K14:, :]
+    row_ids14 = torch.empty(N, M14, dtype=torch.long, device=meta)
 
     calls = [
         ("gather nchw", patch_gather, lambda: patch_gather.gather_patches(imgs, ids_keep, p)),
@@ -177,6 +186,19 @@ def launches():
         ("gemm bwd u8 fp32 IEEE p14", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm_backward(
             grad_tokens14, imgs_u8, ids_keep14, weight14.shape, torch.float32, torch.float32,
             torch.float32, torch.float32, pixel_norm, torch.float32)),
+        ("loss fwd normpix rows (decoder masking)", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs, pred_rows, None, p, True, torch.float32, row_ids=row_ids)),
+        ("loss bwd normpix rows (decoder masking)", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs, pred_rows, None, mask_sum, p, True, False, row_ids=row_ids)),
+        ("loss bwd normpix+imgs rows (decoder masking)", masked_loss, lambda: masked_loss.masked_loss_bwd(
+            grad_loss, imgs, pred_rows, None, mask_sum, p, True, True, row_ids=row_ids)),
+        ("loss fwd pix rows (decoder masking)", masked_loss, lambda: masked_loss.masked_loss_fwd(
+            imgs, pred_rows, None, p, False, torch.float32, row_ids=row_ids)),
+        ("loss fwd normpix p14 rows (decoder masking, 8-B aligned)", masked_loss,
+         lambda: masked_loss.masked_loss_fwd(imgs, pred14_rows, None, 14, True, torch.float32, row_ids=row_ids14)),
+        ("loss bwd normpix+imgs p14 rows (decoder masking, 8-B aligned)", masked_loss,
+         lambda: masked_loss.masked_loss_bwd(grad_loss, imgs, pred14_rows, None, mask_sum, 14, True, True,
+                                             row_ids=row_ids14)),
         ("gemm bf16 MMA (autocast)", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(
             imgs, weight, bias, pos_embed, cls_token, ids_keep, torch.bfloat16, torch.float32)),
         ("gemm fp32 IEEE", patch_embed_gemm, lambda: patch_embed_gemm.patch_embed_gemm(

@@ -55,7 +55,8 @@ __device__ __forceinline__ void store(T* p, const Pack<T, VEC>& v) {
   }
 }
 
-// One thread per (output row, VEC-wide slice of D).
+// One thread per (source slot: cls or patch, VEC-wide slice of D); a slot dropped by decoder-side
+// masking writes nothing.
 template <typename T, int VEC>
 __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ mask_token,
                                const int64_t* __restrict__ ids_restore, const T* __restrict__ pos_embed,
@@ -67,6 +68,8 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ ma
     const int64_t col = (i - row * packs_per_row) * VEC;
     const int64_t n = row / (1 + dims.L);
     const int64_t t = row - n * (1 + dims.L);
+    const int64_t r = dest_row(dims, ids_restore, n, t);
+    if (r < 0) continue;
     const int64_t s = source_row(dims, ids_restore, n, t);
     const T* src = (s >= 0 ? x + x_offset(dims, n, s) : mask_token) + col;
     Pack<T, VEC> v = load<T, VEC>(src);
@@ -75,7 +78,7 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ ma
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v.v[k] = add_pos(v.v[k], p.v[k]);
     }
-    store<T, VEC>(out + out_offset(dims, n, t) + col, v);
+    store<T, VEC>(out + out_offset(dims, n, r) + col, v);
   }
 }
 
@@ -101,7 +104,9 @@ __global__ void backward_rows_kernel(const T* __restrict__ grad_out, const int64
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc.v[k] = acc_t(0);
     for (int64_t t = chunk_first_row(dims, c); t < chunk_last_row(dims, c); ++t) {
-      const Pack<T, VEC> g = load<T, VEC>(grad_out + out_offset(dims, n, t) + col);
+      const int64_t r = dest_row(dims, ids_restore, n, t);
+      if (r < 0) continue;  // dropped by decoder-side masking: no gradient
+      const Pack<T, VEC> g = load<T, VEC>(grad_out + out_offset(dims, n, r) + col);
       const int64_t s = source_row(dims, ids_restore, n, t);
       if (s >= 0) {
         store<T, VEC>(grad_x + x_offset(dims, n, s) + col, g);
@@ -150,7 +155,7 @@ inline int64_t blocks_for(int64_t total) {
 template <typename T, int VEC>
 void forward_typed(const void* x, const void* mask_token, const int64_t* ids_restore, const void* pos_embed,
                    void* out, const Dims& dims, cudaStream_t stream) {
-  const int64_t total = dims.N * (1 + dims.L) * (dims.D / VEC);
+  const int64_t total = dims.N * (1 + dims.L) * (dims.D / VEC);  // source slots
   if (total == 0) return;
   forward_kernel<T, VEC><<<blocks_for(total), kThreads, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(mask_token), ids_restore,

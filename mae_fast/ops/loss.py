@@ -19,6 +19,7 @@ import torch
 
 from .. import reference
 from ..backends import choose, register_fast, triton_probe
+from ._checks import check_ids
 from .patch_embed import FAST_DTYPES, check_pixel_norm, check_same_device, fast_dtypes_ok, float_pixels
 
 OP = "masked_loss"
@@ -143,4 +144,111 @@ def masked_loss(imgs, pred, mask, patch_size: int, norm_pix_loss: bool, *, backe
     _check_inputs(imgs, pred, mask, patch_size)
     loss, _mask_sum = masked_loss_op(imgs, pred, mask, patch_size, norm_pix_loss, pixel_norm,
                                      pixel_dtype)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoder-side masking (not in the official code): the loss over decoded rows only. pred_rows
+# (N, R, P) may be a strided view (the model passes decoder_pred(x)[:, 1 + K:, :]: no copy) and
+# row_ids (N, R) names each row's patch; the same Triton kernels with their ROW_IDS path.
+ROWS_OP = "masked_loss"  # same chooser as the official loss
+
+
+@torch.library.custom_op("mae_fast::masked_loss_rows", mutates_args=())
+def masked_loss_rows_op(imgs: torch.Tensor, pred_rows: torch.Tensor, row_ids: torch.Tensor,
+                        patch_size: int, norm_pix_loss: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """imgs (N, C, H, W); pred_rows (N, R, C*p*p); row_ids (N, R) int64 -> (loss (), count () fp32)."""
+    _require_triton(imgs.device)
+    from ..kernels import masked_loss as kernels
+    return kernels.masked_loss_fwd(imgs, pred_rows, None, patch_size, norm_pix_loss,
+                                   torch.promote_types(pred_rows.dtype, imgs.dtype), row_ids=row_ids)
+
+
+@masked_loss_rows_op.register_fake
+def _(imgs, pred_rows, row_ids, patch_size, norm_pix_loss):
+    return (pred_rows.new_empty((), dtype=torch.promote_types(pred_rows.dtype, imgs.dtype)),
+            pred_rows.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("mae_fast::masked_loss_rows_backward", mutates_args=())
+def masked_loss_rows_backward(grad_loss: torch.Tensor, imgs: torch.Tensor, pred_rows: torch.Tensor,
+                              row_ids: torch.Tensor, count: torch.Tensor, patch_size: int,
+                              norm_pix_loss: bool, grad_imgs_wanted: bool
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (grad_pred_rows (N, R, P) contiguous, grad_imgs like imgs (0 outside the rows'
+    patches), or an empty tensor if not wanted)."""
+    _require_triton(imgs.device)
+    from ..kernels import masked_loss as kernels
+    grad_pred, grad_imgs = kernels.masked_loss_bwd(grad_loss, imgs, pred_rows, None, count, patch_size,
+                                                   norm_pix_loss, grad_imgs_wanted, row_ids=row_ids)
+    return grad_pred, (grad_imgs if grad_imgs_wanted else imgs.new_empty(0))
+
+
+@masked_loss_rows_backward.register_fake
+def _(grad_loss, imgs, pred_rows, row_ids, count, patch_size, norm_pix_loss, grad_imgs_wanted):
+    grad_imgs = torch.empty_like(imgs) if grad_imgs_wanted else imgs.new_empty(0)
+    return torch.empty(pred_rows.shape, dtype=pred_rows.dtype, device=pred_rows.device), grad_imgs
+
+
+def _setup_rows(ctx, inputs, output):
+    imgs, pred_rows, row_ids, patch_size, norm_pix_loss = inputs
+    ctx.save_for_backward(imgs, pred_rows, row_ids, output[1])
+    ctx.patch_size, ctx.norm_pix_loss = patch_size, norm_pix_loss
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward_rows(ctx, grad_loss, _grad_count):
+    if grad_loss is None:
+        return None, None, None, None, None
+    imgs, pred_rows, row_ids, count = ctx.saved_tensors
+    grad_imgs_wanted = ctx.needs_input_grad[0]
+    grad_pred, grad_imgs = masked_loss_rows_backward(grad_loss, imgs, pred_rows, row_ids, count,
+                                                     ctx.patch_size, ctx.norm_pix_loss, grad_imgs_wanted)
+    return (grad_imgs if grad_imgs_wanted else None,
+            grad_pred if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+masked_loss_rows_op.register_autograd(_backward_rows, setup_context=_setup_rows)
+
+
+def _check_rows_inputs(imgs, pred_rows, row_ids, patch_size: int) -> None:
+    check_same_device(imgs=imgs, pred_rows=pred_rows, row_ids=row_ids)
+    if imgs.dim() != 4:
+        raise ValueError(f"imgs must be (N, C, H, W), got shape {tuple(imgs.shape)}")
+    N, C, H, W = imgs.shape
+    p = patch_size
+    if p < 1 or H % p or W % p:
+        raise ValueError(f"image {H}x{W} is not a whole number of {p}x{p} patches")
+    L, P = (H // p) * (W // p), C * p * p
+    if row_ids.dim() != 2 or row_ids.shape[0] != N:
+        raise ValueError(f"row_ids must be ({N}, R), got {tuple(row_ids.shape)}")
+    if row_ids.dtype != torch.int64:
+        raise TypeError(f"row_ids must be int64, got {row_ids.dtype}")
+    R = row_ids.shape[1]
+    if R < 1:
+        raise ValueError("row_ids must name at least one row per sample (the loss is a mean over rows)")
+    if tuple(pred_rows.shape) != (N, R, P):
+        raise ValueError(f"pred_rows must be ({N}, {R}, {P}), got {tuple(pred_rows.shape)}")
+    check_ids(row_ids, L, "row_ids", distinct=True)
+
+
+def masked_loss_rows(imgs, pred_rows, row_ids, patch_size: int, norm_pix_loss: bool, *, backend="auto",
+                     pixel_norm=None, pixel_dtype=None):
+    """Decoder-side masking's loss (``reference.masked_loss_subset``): imgs (N, C, H, W);
+    pred_rows (N, R, p*p*C), any strides; row_ids (N, R) int64, distinct patch ids in [0, L)
+    per row -> scalar = mean over the N*R rows of the per-patch loss.
+
+    uint8 imgs (``pixel_norm``, ``pixel_dtype`` as in ``masked_loss``): normalised to the float
+    image first, then as above (not yet fused into this path: one float image is made)."""
+    check_pixel_norm(imgs, pixel_norm, pixel_dtype)
+    imgs = float_pixels(imgs, pixel_norm, pixel_dtype)
+    _check_rows_inputs(imgs, pred_rows, row_ids, patch_size)
+    choice = choose(ROWS_OP, imgs.device, backend)
+    if choice.impl == "reference" or not fast_dtypes_ok(imgs, pred_rows):
+        if choice.impl != "reference" and backend == "fast":
+            raise TypeError(f"backend='fast': masked_loss_rows supports imgs and pred_rows in {FAST_DTYPES}, "
+                            f"got {imgs.dtype}, {pred_rows.dtype}")
+        return reference.masked_loss_subset(imgs, pred_rows, row_ids, patch_size, norm_pix_loss)
+    loss, _count = masked_loss_rows_op(imgs, pred_rows, row_ids, patch_size, norm_pix_loss)
     return loss
