@@ -147,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding and crop/resize: auto (torchvision when it imports, else pil), pil (whole "
                         "image), pil-draft (JPEG at a reduced DCT scale when the crop is >= 2x the output), "
                         "torchvision, gpu (JPEGs decoded batched on the CUDA device; CPU otherwise); docs/DATA.md")
-    g.add_argument("--input-dtype", default="float", choices=("float", "uint8"),
-                   help="what the loader ships to the device: normalised float32, or uint8 (4x fewer bytes; "
-                        "needs a model with set_input_normalization, which normalises on the device)")
+    g.add_argument("--input-dtype", default="auto", choices=("auto", "float", "uint8"),
+                   help="what the loader ships to the device: uint8 (4x fewer bytes; the model normalises "
+                        "inside its kernels, the same numbers as float), or normalised float32; auto: uint8, "
+                        "except float with --decode gpu or --contrastive-weight")
     g.add_argument("--strict-data", action="store_true",
                    help="stop at the first unreadable image (default: replace it by another sample, warn, "
                         "count it in log.csv bad_samples)")
@@ -207,6 +208,17 @@ def _int_set(text: str) -> frozenset:
     return frozenset(int(v) for v in text.split(",") if v.strip())
 
 
+def _resolve_input_dtype(args) -> str:
+    """--input-dtype auto: uint8 batches (the model normalises them in its kernels, bit for bit
+    the float batches' numbers: docs/DATA.md), except where uint8 is not wired yet: --decode gpu
+    (it normalises on the GPU) and the two-view contrastive data."""
+    if args.input_dtype != "auto":
+        return args.input_dtype
+    if getattr(args, "decode", "auto") == "gpu" or contrastive_on(args):
+        return "float"
+    return "uint8"
+
+
 def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
     """Fill the model-dependent defaults and check every value; UsageError on a bad one."""
     if args.model not in MODELS:
@@ -216,6 +228,7 @@ def resolve_args(args: argparse.Namespace, world_size: int = 1) -> argparse.Name
         if getattr(args, key) is None:
             setattr(args, key, recipe.get(key, 0))
     _resolve_contrastive(args)
+    args.input_dtype = _resolve_input_dtype(args)
     checks = [
         (args.batch_size > 0, f"--batch-size must be > 0, got {args.batch_size}"),
         (args.epochs > 0, f"--epochs must be > 0, got {args.epochs}"),
@@ -530,8 +543,8 @@ def _run_epoch(run, epoch: int, skip: int):
             run.lr = set_learning_rate(run.optimizer, it / spe + epoch, args)
         imgs, late_bad = to_device(imgs, run.device, run.dataset)  # (N, 3, H, W); --decode gpu decodes here
         run.bad_files.note(late_bad)
-        if step in args.simulate_nan_at_steps:
-            imgs = torch.full_like(imgs, float("nan"))
+        if step in args.simulate_nan_at_steps:  # a float batch of NaNs (uint8 has no NaN)
+            imgs = torch.full(imgs.shape, float("nan"), device=imgs.device)
         if imgs.dim() == 5:  # two views per image (--contrastive-weight): noise (N, 2, L)
             noise = mask_noise(args.seed, run.rank, step, imgs.shape[0] * imgs.shape[1], num_patches,
                                run.device).view(imgs.shape[0], imgs.shape[1], num_patches)
