@@ -104,15 +104,20 @@ def _backward(ctx, grad_loss, _grad_mask_sum):
 masked_loss_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _check_inputs(imgs, pred, mask, patch_size: int) -> None:
-    check_same_device(imgs=imgs, pred=pred, mask=mask)
+def _image_patches(imgs, patch_size: int):
+    """(N, L, P) of imgs (N, C, H, W) cut into patch_size patches; ValueError if it does not cut."""
     if imgs.dim() != 4:
         raise ValueError(f"imgs must be (N, C, H, W), got shape {tuple(imgs.shape)}")
     N, C, H, W = imgs.shape
     p = patch_size
     if p < 1 or H % p or W % p:
         raise ValueError(f"image {H}x{W} is not a whole number of {p}x{p} patches")
-    L, P = (H // p) * (W // p), C * p * p
+    return N, (H // p) * (W // p), C * p * p
+
+
+def _check_inputs(imgs, pred, mask, patch_size: int) -> None:
+    check_same_device(imgs=imgs, pred=pred, mask=mask)
+    N, L, P = _image_patches(imgs, patch_size)
     if tuple(pred.shape) != (N, L, P):
         raise ValueError(f"pred must be ({N}, {L}, {P}), got {tuple(pred.shape)}")
     if tuple(mask.shape) != (N, L):
@@ -214,13 +219,7 @@ masked_loss_rows_op.register_autograd(_backward_rows, setup_context=_setup_rows)
 
 def _check_rows_inputs(imgs, pred_rows, row_ids, patch_size: int) -> None:
     check_same_device(imgs=imgs, pred_rows=pred_rows, row_ids=row_ids)
-    if imgs.dim() != 4:
-        raise ValueError(f"imgs must be (N, C, H, W), got shape {tuple(imgs.shape)}")
-    N, C, H, W = imgs.shape
-    p = patch_size
-    if p < 1 or H % p or W % p:
-        raise ValueError(f"image {H}x{W} is not a whole number of {p}x{p} patches")
-    L, P = (H // p) * (W // p), C * p * p
+    N, L, P = _image_patches(imgs, patch_size)
     if row_ids.dim() != 2 or row_ids.shape[0] != N:
         raise ValueError(f"row_ids must be ({N}, R), got {tuple(row_ids.shape)}")
     if row_ids.dtype != torch.int64:
