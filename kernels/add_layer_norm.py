@@ -175,7 +175,10 @@ def add_layer_norm_bwd(dy, dh, h, weight, mean, rstd, num_programs: int, rows_pe
         _add_ln_bwd_kernel[(num_programs,)](
             dy, dh if dh is not None else dy, h, weight, mean, rstd, dsum, dweight_part, dbias_part,
             R, D, rows_per_program,
-            HAS_DH=dh is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d))
+            HAS_DH=dh is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+            # twice the forward's warps: the backward holds two more row tiles (dy, dh) and the
+            # dweight / dbias accumulators (triton 3.6 spilled 8 B at D 1024, bf16, sm_100a with 4)
+            num_warps=_num_warps(2 * block_d))
     _ln_grad_reduce_kernel[(triton.cdiv(D, REDUCE_COLS),)](
         dweight_part, dbias_part, dweight, dbias, num_programs, D,
         BLOCK_P=REDUCE_ROWS, BLOCK_C=REDUCE_COLS, num_warps=4)
