@@ -108,6 +108,15 @@ def triton_probe(device: torch.device) -> Tuple[bool, str]:
     return False, f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
 
 
+def require_triton(op: str, device: torch.device) -> None:
+    """For a custom op's Triton body: RuntimeError saying why it cannot run on ``device``
+    (the op's public function would have chosen the reference there)."""
+    runs, why = triton_probe(device)
+    if not runs:
+        raise RuntimeError(f"mae_fast::{op} runs only as a Triton kernel: {why}; "
+                           f"use mae_fast.ops.{op}(..., backend='reference')")
+
+
 def ops() -> Tuple[str, ...]:
     _load_all()
     return tuple(sorted(set(_FAST) | set(_CHOOSERS)))

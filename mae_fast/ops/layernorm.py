@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import attention as _attention
-from ..backends import choose, register_fast, triton_probe
+from ..backends import choose, register_fast, require_triton, triton_probe
 from .patch_embed import FAST_DTYPES, check_same_device
 
 OP = "add_layer_norm"
@@ -65,13 +65,6 @@ def bwd_programs(num_rows: int, D: int) -> Tuple[int, int]:
     return -(-num_rows // rows_per_program), rows_per_program
 
 
-def _require_triton(device: torch.device) -> None:
-    runs, why = triton_probe(device)
-    if not runs:
-        raise RuntimeError(f"mae_fast::add_layer_norm runs only as a Triton kernel: {why}; "
-                           "use mae_fast.ops.add_layer_norm(..., backend='reference')")
-
-
 # ---- the torch ops ---------------------------------------------------------------------------
 
 @torch.library.custom_op("mae_fast::add_layer_norm", mutates_args=())
@@ -80,7 +73,7 @@ def add_layer_norm_op(x: torch.Tensor, branch: Optional[torch.Tensor], weight: t
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, branch (R, D) contiguous (branch may be None); weight, bias (D,) -> (h (R, D), or an
     empty tensor without a branch; y (R, D) in y_dtype; mean, rstd (R,) fp32)."""
-    _require_triton(x.device)
+    require_triton("add_layer_norm", x.device)
     from ..kernels import add_layer_norm as kernels
     return kernels.add_layer_norm_fwd(x, branch, weight, bias, eps, y_dtype, block_rows(x.shape[1]))
 
@@ -100,7 +93,7 @@ def add_layer_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], h: tor
                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dy (R, D); dh (R, D) or None; h (R, D) the LayerNorm's input -> (dsum (R, D) in h's
     dtype = dh + LN_bwd(dy), dweight, dbias (D,) in weight's dtype)."""
-    _require_triton(h.device)
+    require_triton("add_layer_norm", h.device)
     from ..kernels import add_layer_norm as kernels
     R, D = h.shape
     programs, rows_per_program = bwd_programs(R, D)

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from ..backends import choose, register_fast, triton_probe
+from ..backends import choose, register_fast, require_triton, triton_probe
 from ._checks import check_ids
 from .patch_embed import FAST_DTYPES, check_pixel_norm, check_same_device, fast_dtypes_ok, float_pixels
 
@@ -32,13 +32,6 @@ def _loss_dtype(imgs, pred, mask, pixel_dtype=None) -> torch.dtype:
     return torch.promote_types(torch.promote_types(pred.dtype, pixel_dtype or imgs.dtype), mask.dtype)
 
 
-def _require_triton(device: torch.device) -> None:
-    runs, why = triton_probe(device)
-    if not runs:
-        raise RuntimeError(f"mae_fast::masked_loss runs only as a Triton kernel: {why}; "
-                           "use mae_fast.ops.masked_loss(..., backend='reference')")
-
-
 @torch.library.custom_op("mae_fast::masked_loss", mutates_args=())
 def masked_loss_op(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
                    norm_pix_loss: bool, pixel_norm: Optional[torch.Tensor] = None,
@@ -46,7 +39,7 @@ def masked_loss_op(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p
     """imgs (N, C, H, W); pred (N, L, C*p*p); mask (N, L) -> (loss (), mask_sum () fp32).
     uint8 imgs: pixel_norm (2, C) fp32 (mean, std rows) and pixel_dtype; the kernels build the
     target from ``(x / 255 - mean[c]) / std[c]`` rounded to pixel_dtype, in registers."""
-    _require_triton(imgs.device)
+    require_triton("masked_loss", imgs.device)
     from ..kernels import masked_loss as kernels
     return kernels.masked_loss_fwd(imgs, pred, mask, patch_size, norm_pix_loss,
                                    _loss_dtype(imgs, pred, mask, pixel_dtype), pixel_norm, pixel_dtype)
@@ -66,7 +59,7 @@ def masked_loss_backward(grad_loss: torch.Tensor, imgs: torch.Tensor, pred: torc
                          pixel_dtype: Optional[torch.dtype] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_pred like pred, grad_imgs like imgs, or an empty tensor if not wanted)."""
-    _require_triton(imgs.device)
+    require_triton("masked_loss", imgs.device)
     from ..kernels import masked_loss as kernels
     grad_pred, grad_imgs = kernels.masked_loss_bwd(grad_loss, imgs, pred, mask, mask_sum,
                                                    patch_size, norm_pix_loss, grad_imgs_wanted,
@@ -163,7 +156,7 @@ ROWS_OP = "masked_loss"  # same chooser as the official loss
 def masked_loss_rows_op(imgs: torch.Tensor, pred_rows: torch.Tensor, row_ids: torch.Tensor,
                         patch_size: int, norm_pix_loss: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """imgs (N, C, H, W); pred_rows (N, R, C*p*p); row_ids (N, R) int64 -> (loss (), count () fp32)."""
-    _require_triton(imgs.device)
+    require_triton("masked_loss", imgs.device)
     from ..kernels import masked_loss as kernels
     return kernels.masked_loss_fwd(imgs, pred_rows, None, patch_size, norm_pix_loss,
                                    torch.promote_types(pred_rows.dtype, imgs.dtype), row_ids=row_ids)
@@ -182,7 +175,7 @@ def masked_loss_rows_backward(grad_loss: torch.Tensor, imgs: torch.Tensor, pred_
                               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_pred_rows (N, R, P) contiguous, grad_imgs like imgs (0 outside the rows'
     patches), or an empty tensor if not wanted)."""
-    _require_triton(imgs.device)
+    require_triton("masked_loss", imgs.device)
     from ..kernels import masked_loss as kernels
     grad_pred, grad_imgs = kernels.masked_loss_bwd(grad_loss, imgs, pred_rows, None, count, patch_size,
                                                    norm_pix_loss, grad_imgs_wanted, row_ids=row_ids)
