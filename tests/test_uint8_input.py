@@ -161,6 +161,20 @@ def test_model_uint8_in_equals_float_in(p, H, W, dtype, norm_pix):
         _same(got, want, exact=False)  # fast vs reference: fp32 rounding only
 
 
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_model_uint8_with_decoder_masking_equals_float_in(norm_pix):
+    """uint8 images with decoder-side masking (its loss, masked_loss_rows, normalises the uint8
+    image first): the same loss, pred and grads as the float image, fast and reference."""
+    p, H, W = 8, 16, 24
+    noise = torch.rand(2, (H // p) * (W // p))
+    imgs = _uint8(2, 3, H, W)
+    floats = _data_pipeline(imgs)
+    for backend in ("fast", "reference"):
+        model = _tiny(p, H, W, backend=backend, norm_pix=norm_pix, input_mean=MEAN, input_std=STD,
+                      decoder_mask_ratio=0.5)
+        _same(_run(model, imgs, noise), _run(model, floats, noise))
+
+
 def test_model_uint8_under_autocast_equals_fp32_float_in():
     """An fp32 model under bf16 autocast: the uint8 image stands for the fp32 normalised image,
     cast to bf16 where autocast casts the float image (the patch-embed linear)."""
