@@ -270,7 +270,8 @@ def resume_training(path_or_ckpt, model, optimizer, scaler=None) -> ResumeReport
     missing = sorted(set(own) - set(ckpt["model"]))
     unexpected = sorted(set(ckpt["model"]) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source}: model keys differ: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise ValueError(f"{source}: model keys differ: missing {missing[:6]}, unexpected {unexpected[:6]}"
+                         + _contrastive_hint(missing, unexpected, ckpt.get("args") or {}))
     model.load_state_dict(ckpt["model"])
     state, note = map_optimizer_state(ckpt["optimizer"], model, optimizer, source=source)
     # which kernel runs is this optimizer's choice, not the file's: load_state_dict would take
@@ -285,6 +286,24 @@ def resume_training(path_or_ckpt, model, optimizer, scaler=None) -> ResumeReport
         scaler.load_state_dict(ckpt["scaler"])
     return ResumeReport(start_epoch=ckpt["epoch"] + 1, start_step=ckpt.get("step_in_epoch", 0),
                         format=ckpt.get("format", "official"), args=dict(ckpt.get("args", {})), notes=notes)
+
+
+def _contrastive_hint(missing, unexpected, args) -> str:
+    """Why the keys differ when one side is a contrastive run (``contrastive_head.*``, a
+    mae_fast.ContrastiveMAE) and the other is not: the run's flag, not the file, is wrong."""
+    head = lambda keys: bool(keys) and all(k.startswith(CONTRASTIVE_HEAD_PREFIX) for k in keys)  # noqa: E731
+    if head(unexpected) and not missing:
+        weight = args.get("contrastive_weight")
+        flag = f"--contrastive-weight {weight}" if weight else "--contrastive-weight"
+        return (f". The checkpoint was written by a contrastive run (its projector "
+                f"{CONTRASTIVE_HEAD_PREFIX}* is in it): resume it with {flag} (the run's setting), "
+                "or start a plain run from its weights with load_official_checkpoint, which leaves "
+                "the projector out")
+    if head(missing) and not unexpected:
+        return (". The checkpoint is of a plain MAE run (no contrastive projector): resume it "
+                "without --contrastive-weight, or start a contrastive run from its weights with "
+                "load_official_checkpoint (the projector is then freshly initialised)")
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------

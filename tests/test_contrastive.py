@@ -270,3 +270,20 @@ def test_plain_run_has_no_contrastive_columns(tmp_path):
 def test_bad_contrastive_flags(tmp_path, capsys, extra, message):
     assert pretrain.main(TINY_RUN + ["--output-dir", str(tmp_path / "run"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_resume_with_the_wrong_contrastive_setting_says_which_flag():
+    """A contrastive checkpoint resumed by a plain run (and the reverse) names the flag to use,
+    not only the differing keys."""
+    from mae_fast import checkpoint
+    contrastive, plain = tiny_contrastive_model(), tiny_plain_model()
+    written = {"model": contrastive.state_dict(), "optimizer": {}, "epoch": 0,
+               "args": {"contrastive_weight": 0.03}}
+    opt = torch.optim.AdamW(plain.parameters())
+    with pytest.raises(ValueError, match=r"unexpected \['contrastive_head.*resume it with "
+                                         r"--contrastive-weight 0.03"):
+        checkpoint.resume_training(written, plain, opt)
+    written = {"model": plain.state_dict(), "optimizer": {}, "epoch": 0, "args": {}}
+    opt = torch.optim.AdamW(contrastive.parameters())
+    with pytest.raises(ValueError, match=r"missing \['contrastive_head.*resume it without --contrastive-weight"):
+        checkpoint.resume_training(written, contrastive, opt)
