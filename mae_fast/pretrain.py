@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-dtype", default="auto", choices=("auto", "float", "uint8"),
                    help="what the loader ships to the device: uint8 (4x fewer bytes; the model normalises "
                         "inside its kernels, the same numbers as float), or normalised float32; auto: uint8, "
-                        "except float with --decode gpu or --contrastive-weight")
+                        "except float with --decode gpu")
     g.add_argument("--strict-data", action="store_true",
                    help="stop at the first unreadable image (default: replace it by another sample, warn, "
                         "count it in log.csv bad_samples)")
@@ -211,10 +211,11 @@ def _int_set(text: str) -> frozenset:
 def _resolve_input_dtype(args) -> str:
     """--input-dtype auto: uint8 batches (the model normalises them in its kernels, bit for bit
     the float batches' numbers: docs/DATA.md), except where uint8 is not wired yet: --decode gpu
-    (it normalises on the GPU) and the two-view contrastive data."""
+    (it normalises on the GPU). The two-view contrastive data ships uint8 too (both views;
+    test_input_dtype_uint8_trains_the_same_as_float[contrastive])."""
     if args.input_dtype != "auto":
         return args.input_dtype
-    if getattr(args, "decode", "auto") == "gpu" or contrastive_on(args):
+    if getattr(args, "decode", "auto") == "gpu":
         return "float"
     return "uint8"
 

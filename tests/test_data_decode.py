@@ -185,17 +185,19 @@ def test_gpu_decode_batches_the_jpegs_on_the_device(tmp_path, dev):
     torch.testing.assert_close(out[0].cpu(), bad_tree.load((truncated, 9), "torchvision")[0], rtol=0, atol=0)
 
 
-def test_input_dtype_uint8_trains_the_same_as_float(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--contrastive-weight", "0.03"]], ids=["plain", "contrastive"])
+def test_input_dtype_uint8_trains_the_same_as_float(tmp_path, capsys, extra):
     """--input-dtype uint8 ships uint8 batches to the model, which normalises them in its kernels
     (set_input_normalization, issue 15 item 2): the run is the float run, bit for bit (every
-    logged loss and every final weight)."""
+    logged loss and every final weight); with --contrastive-weight too (two uint8 views per
+    image, the ContrastiveMAE's two masked forwards)."""
     from mae_fast import pretrain
     from test_pretrain import TINY, load_ckpt, read_log
     runs = {}
     for dtype in ("float", "uint8"):
         out = tmp_path / dtype
-        assert pretrain.main(TINY + ["--epochs", "1", "--input-dtype", dtype, "--num-preview", "0",
-                                     "--output-dir", str(out)]) == 0
+        assert pretrain.main(TINY + extra + ["--epochs", "1", "--input-dtype", dtype, "--num-preview", "0",
+                                             "--output-dir", str(out)]) == 0
         runs[dtype] = (read_log(out), load_ckpt(out / "checkpoint-last.pth")["model"])
     assert "uint8 batches" in capsys.readouterr().out
     (steps_f, loss_f), weights_f = runs["float"]
