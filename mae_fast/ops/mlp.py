@@ -136,20 +136,35 @@ def _(grad_y, weight, pre):
 
 
 @torch.library.custom_op("mae_fast::linear_weight_grad", mutates_args=())
-def linear_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def linear_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, grad_out_1: Optional[torch.Tensor] = None,
+                       grad_out_2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """A Linear's parameter gradients in one op: grad_out (M, N), inp (M, K), one dtype ->
     grad_weight = grad_out^T @ inp (N, K) and grad_bias = column sums of grad_out (N,), fp32
-    accumulation, deterministic (one program per output tile, rows in order)."""
+    accumulation, deterministic (one program per output tile, rows in order).
+
+    ``grad_out_1`` / ``grad_out_2`` (M, N), optional: more column parts of the output's gradient,
+    G = [grad_out | grad_out_1 | grad_out_2] (M, P * N), each read where it lies (e.g. dq, dk, dv
+    of the qkv projection) -> grad_weight (P * N, K), grad_bias (P * N,), still one launch."""
+    parts = [grad_out] + [g for g in (grad_out_1, grad_out_2) if g is not None]
+    if grad_out_2 is not None and grad_out_1 is None:
+        raise ValueError("linear_weight_grad: grad_out_2 given without grad_out_1")
+    if any(g.dim() != 2 or g.shape != grad_out.shape or g.dtype != grad_out.dtype for g in parts) \
+            or inp.dim() != 2 or inp.shape[0] != grad_out.shape[0] or inp.dtype != grad_out.dtype:
+        raise ValueError("linear_weight_grad: the gradient's parts must be (M, N) of one shape and dtype and "
+                         f"inp (M, K) of that dtype, got {[(tuple(g.shape), g.dtype) for g in parts]} and "
+                         f"inp {(tuple(inp.shape), inp.dtype)}")
     if _triton_runs(grad_out.device):
         from ..kernels import mlp_gemm
-        return mlp_gemm.linear_weight_grad(grad_out, inp)
-    g = grad_out.float()
-    return (g.t() @ inp.float()).to(grad_out.dtype), g.sum(0).to(grad_out.dtype)
+        return mlp_gemm.linear_weight_grad(*parts[:1], inp, *parts[1:])
+    x = inp.float()
+    return (torch.cat([g.float().t() @ x for g in parts]).to(grad_out.dtype),
+            torch.cat([g.float().sum(0) for g in parts]).to(grad_out.dtype))
 
 
 @linear_weight_grad.register_fake
-def _(grad_out, inp):
-    return grad_out.new_empty((grad_out.shape[1], inp.shape[1])), grad_out.new_empty((grad_out.shape[1],))
+def _(grad_out, inp, grad_out_1=None, grad_out_2=None):
+    rows = grad_out.shape[1] * (1 + (grad_out_1 is not None) + (grad_out_2 is not None))
+    return grad_out.new_empty((rows, inp.shape[1])), grad_out.new_empty((rows,))
 
 
 # ---- autograd --------------------------------------------------------------------------------
