@@ -12,7 +12,10 @@ the epilogue, so GELU, GELU' and the bias gradients are no separate passes over 
 ``_linear_wgrad_kernel``: a Linear's weight gradient dW (N, K) = G^T @ X over M rows with the
 bias gradient db (N,) = column sums of G in the same walk (the programs of column block 0 sum
 the G tiles they already load); each output tile is reduced by one program over every row in
-order: deterministic, no atomics, no split-K.
+order: deterministic, no atomics, no split-K. G may come in up to 3 column parts, each its own
+tensor (the qkv projection's dq, dk, dv where the attention's backward wrote them): a third
+grid axis picks the part, whose programs write dW rows [p N, (p + 1) N) and the same db slice,
+so the (3C, C) / (3C,) gradients of the qkv Linear are one launch with no concatenated copy.
 
 Main loop: ``tl.dot`` in ``DOT_DTYPE`` (the operands' dtype): fp32 uses IEEE fp32 products
 (``input_precision="ieee"``, like torch's default fp32 matmul, no TF32), bf16 / fp16 the

@@ -17,6 +17,11 @@ Four torch ops (``torch.library.custom_op`` + ``register_fake``; the two forward
   ``mae_fast::linear_weight_grad`` G, X -> (dW = G^T X, db = column sums of G): one Triton
                                   kernel, the bias gradient accumulated from the G tiles the
                                   weight-gradient GEMM already loads (used for fc2 and fc1).
+                                  G may be given as up to 3 column parts (``grad_out_1``,
+                                  ``grad_out_2``), each read where it lies: the qkv projection's
+                                  backward (``mae_fast.attention._QKVAttention``) passes dq, dk,
+                                  dv and gets dW (3C, C) and db (3C,) from one launch, where the
+                                  default path runs 3 mm + 3 sum (also under MAE_FAST_MLP=gemm).
 dx = d(pre) @ W1 stays ``torch.mm``.
 
 Saved for backward (vs autograd's plain path): x, W1, pre, act, W2, exactly what the plain
