@@ -73,7 +73,8 @@ def _choose(device: torch.device, backend: str) -> Choice:
                                        "backend='fast' runs it")
     if runs:
         return Choice(OP, "triton", f"{ENV}=gemm: fc1 GEMM with bias + GELU epilogue, GELU' in "
-                                    f"fc2's grad-input GEMM, bias grads in the weight-grad GEMMs; {why}")
+                                    f"fc2's grad-input GEMM, bias grads in the weight-grad GEMMs (the qkv "
+                                    f"projection's dW + db too: one launch on dq, dk, dv); {why}")
     if backend == "fast":
         raise RuntimeError(f"backend='fast' with {ENV}=gemm: the MLP cannot run triton on {device}: {why}")
     return Choice(OP, "reference", f"triton unavailable ({why}): nn.Linear + nn.GELU() + nn.Linear")
