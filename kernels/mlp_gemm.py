@@ -119,14 +119,10 @@ def _linear_wgrad_kernel(
     db (PARTS * N,) are contiguous."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if PARTS > 1:  # the part's G: a uniform branch, before the main loop
-        part = tl.program_id(2)
-        if part == 1:
-            g_ptr = g1_ptr
-            stride_gm = stride_g1m
-        elif part == 2:
-            g_ptr = g2_ptr
-            stride_gm = stride_g2m
+    if PARTS > 1:  # the part's G, picked once before the main loop (a select: a stride equal
+        part = tl.program_id(2)  # to 1 is a constexpr, which an if / else could not merge)
+        g_ptr = tl.where(part == 0, g_ptr, tl.where(part == 1, g1_ptr, g2_ptr))
+        stride_gm = tl.where(part == 0, stride_gm, tl.where(part == 1, stride_g1m, stride_g2m))
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = n < N

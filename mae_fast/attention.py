@@ -420,7 +420,7 @@ def qkv_attention(x, qkv, num_heads: int, scale: float, *, backend: str = "auto"
         cast = lambda t: t.to(dtype) if t is not None and t.dtype != torch.float64 else t  # noqa: E731
         x, weight, bias = cast(x), cast(weight), cast(bias)
     wgrad_gemm = (choose("mlp", x.device, gemm_backend).impl == "triton"
-                  and x.dtype == weight.dtype in WGRAD_GEMM_DTYPES)
+                  and x.dtype == weight.dtype and x.dtype in WGRAD_GEMM_DTYPES)
     with _autocast_off(x.device.type):
         return _QKVAttention.apply(x, weight, bias, num_heads, scale, backend, wgrad_gemm)
 

@@ -20,8 +20,8 @@ Four torch ops (``torch.library.custom_op`` + ``register_fake``; the two forward
                                   G may be given as up to 3 column parts (``grad_out_1``,
                                   ``grad_out_2``), each read where it lies: the qkv projection's
                                   backward (``mae_fast.attention._QKVAttention``) passes dq, dk,
-                                  dv and gets dW (3C, C) and db (3C,) from one launch, where the
-                                  default path runs 3 mm + 3 sum (also under MAE_FAST_MLP=gemm).
+                                  dv and gets dW (3C, C) and db (3C,) from one launch (the
+                                  default, MAE_FAST_MLP=plain, runs 3 mm + 3 sum there).
 dx = d(pre) @ W1 stays ``torch.mm``.
 
 Saved for backward (vs autograd's plain path): x, W1, pre, act, W2, exactly what the plain
@@ -161,7 +161,7 @@ def linear_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, grad_out_1: Op
                          f"inp {(tuple(inp.shape), inp.dtype)}")
     if _triton_runs(grad_out.device):
         from ..kernels import mlp_gemm
-        return mlp_gemm.linear_weight_grad(*parts[:1], inp, *parts[1:])
+        return mlp_gemm.linear_weight_grad(parts[0], inp, *parts[1:])
     x = inp.float()
     return (torch.cat([g.float().t() @ x for g in parts]).to(grad_out.dtype),
             torch.cat([g.float().sum(0) for g in parts]).to(grad_out.dtype))
