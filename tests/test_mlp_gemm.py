@@ -418,6 +418,39 @@ def test_charges_equal_what_the_kernels_load_and_store(dtype):
                           kernels=["_linear_wgrad_kernel"])
 
 
+_COMPILE_PARTS_WITH_UNIT_ROW_STRIDES = """
+import sys, torch, triton
+sys.path.insert(0, sys.argv[1])
+import triton_aot as tool
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from mae_fast.kernels import mlp_gemm
+t = lambda *shape: torch.empty(*shape, device="meta")
+for parts in ((t(40, 1), t(40, 1), t(40, 1)), (t(40, 1), t(40, 3)[:, 1:2], t(40, 1))):
+    sink = []
+    with tool._recording(mlp_gemm, sink):
+        mlp_gemm.linear_weight_grad(parts[0], t(40, 8), *parts[1:])
+    (name, grid, args, kwargs), = sink
+    target = GPUTarget("cuda", 90, 32)
+    options = make_backend(target).parse_options({k: kwargs[k] for k in ("num_warps", "num_stages")})
+    triton.compile(tool._source(getattr(mlp_gemm, name), args, kwargs), target=target, options=options.__dict__)
+"""
+
+
+def test_three_part_weight_grad_compiles_with_unit_row_strides():
+    """The JIT makes an int argument equal to 1 a constexpr: parts of width 1 have row stride 1,
+    alone or beside a part whose row stride is 3. The kernel picks the part's G with a select,
+    which compiles either way (an if / else could not merge a constexpr with an int: it failed
+    to compile). The interpreter does not specialise, so only a compile shows it (sm_90, no GPU)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_PARTS_WITH_UNIT_ROW_STRIDES, os.path.join(root, "tools")],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_every_mlp_width_and_dtype_is_in_the_aot_launches():
     """tools/triton_aot.py compiles the MLP kernels for every dtype; the ViT-B/L/H and decoder
     widths specialise alike (multiples of 16), so one compiled variant per (kernel, dtype,
