@@ -12,7 +12,10 @@ the epilogue, so GELU, GELU' and the bias gradients are no separate passes over 
 ``_linear_wgrad_kernel``: a Linear's weight gradient dW (N, K) = G^T @ X over M rows with the
 bias gradient db (N,) = column sums of G in the same walk (the programs of column block 0 sum
 the G tiles they already load); each output tile is reduced by one program over every row in
-order: deterministic, no atomics, no split-K.
+order: deterministic, no atomics, no split-K. G may come in up to 3 column parts, each its own
+tensor (the qkv projection's dq, dk, dv where the attention's backward wrote them): a third
+grid axis picks the part, whose programs write dW rows [p N, (p + 1) N) and the same db slice,
+so the (3C, C) / (3C,) gradients of the qkv Linear are one launch with no concatenated copy.
 
 Main loop: ``tl.dot`` in ``DOT_DTYPE`` (the operands' dtype): fp32 uses IEEE fp32 products
 (``input_precision="ieee"``, like torch's default fp32 matmul, no TF32), bf16 / fp16 the
@@ -101,18 +104,25 @@ def _mlp_gemm_kernel(
 
 @triton.jit
 def _linear_wgrad_kernel(
-    g_ptr, x_ptr, gw_ptr, gb_ptr,
+    g_ptr, g1_ptr, g2_ptr, x_ptr, gw_ptr, gb_ptr,
     M, N, K,
-    stride_gm, stride_gn, stride_xm, stride_xk,
+    stride_gm, stride_g1m, stride_g2m, stride_gn, stride_xm, stride_xk,
+    PARTS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EMULATE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)): program (n, k) owns the dW tile
-    [BLOCK_N, BLOCK_K] and walks every row of G (M, N) and X (M, K) in order, BLOCK_M rows a
-    step: dW += G^T @ X; the programs with k == 0 also sum G's columns (db). dW (N, K) and db
-    are contiguous."""
+    """G = [G0 | G1 | G2] (M, PARTS * N): PARTS column parts of N columns each, each its own
+    tensor (base pointer and row stride; one column stride). Grid (cdiv(N, BLOCK_N),
+    cdiv(K, BLOCK_K), PARTS): program (n, k, p) owns the dW tile [BLOCK_N, BLOCK_K] of rows
+    p * N + n and walks every row of G_p (M, N) and X (M, K) in order, BLOCK_M rows a step:
+    dW += G_p^T @ X; the programs with k == 0 also sum G_p's columns (db). dW (PARTS * N, K) and
+    db (PARTS * N,) are contiguous."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if PARTS > 1:  # the part's G, picked once before the main loop (a select: a stride equal
+        part = tl.program_id(2)  # to 1 is a constexpr, which an if / else could not merge)
+        g_ptr = tl.where(part == 0, g_ptr, tl.where(part == 1, g1_ptr, g2_ptr))
+        stride_gm = tl.where(part == 0, stride_gm, tl.where(part == 1, stride_g1m, stride_g2m))
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = n < N
@@ -120,16 +130,23 @@ def _linear_wgrad_kernel(
     sums = pid_k == 0
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     bias_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # the step's first row as a 64-bit scalar offset, the rows inside it as 32-bit offsets
+    # (per-element 64-bit offsets cost registers: ptxas spilled with them, 3 parts, fp32, sm_100a)
+    offs_m = tl.arange(0, BLOCK_M)
+    g_tile = offs_m[:, None] * stride_gm + n[None, :] * stride_gn  # [BLOCK_M, BLOCK_N]
+    x_tile = offs_m[:, None] * stride_xm + k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     for m0 in range(0, M, BLOCK_M):
-        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        row_ok = rows < M
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + n[None, :] * stride_gn,
+        row0 = tl.full([], m0, tl.int64)
+        row_ok = m0 + offs_m < M
+        g = tl.load(g_ptr + row0 * stride_gm + g_tile,
                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_N]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+        x = tl.load(x_ptr + row0 * stride_xm + x_tile,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         acc = _dot(tl.trans(g), x, acc, DOT_DTYPE, IEEE, EMULATE_DOT)
         if sums:
             bias_acc += tl.sum(g.to(tl.float32), axis=0)
+    if PARTS > 1:  # the part's rows of dW and db (the offset made here, not held through the loop)
+        n += tl.program_id(2) * N
     tl.store(gw_ptr + n.to(tl.int64)[:, None] * K + k[None, :], acc.to(gw_ptr.dtype.element_ty),
              mask=n_ok[:, None] & k_ok[None, :])
     if sums:
@@ -217,22 +234,32 @@ def fc2_gelu_grad(grad_y: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor)
 
 
 @on_tensor_device
-def linear_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor):
+def linear_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, *more_grad_outs: torch.Tensor):
     """grad_out (M, N), inp (M, K), one dtype -> dW = grad_out^T @ inp (N, K) and db = column
-    sums of grad_out (N,), in that dtype, from one kernel (fp32 accumulation)."""
-    M, N = grad_out.shape
+    sums of grad_out (N,), in that dtype, from one kernel (fp32 accumulation).
+
+    ``more_grad_outs``: up to two more (M, N) column parts of the gradient, G = [grad_out | G1 |
+    G2] (e.g. dq, dk, dv of a qkv projection, each where the attention's backward wrote it) ->
+    dW (P * N, K), db (P * N,) from the same single launch, no concatenated copy of G."""
+    parts = (grad_out,) + more_grad_outs
+    if len(parts) > 3:
+        raise ValueError(f"linear_weight_grad takes at most 3 column parts of the gradient, got {len(parts)}")
+    M, N = grad_out.shape  # every part (M, N), one dtype: the op checks (mae_fast.ops.mlp)
     K = inp.shape[1]
-    grad_w = grad_out.new_empty((N, K))
-    grad_b = grad_out.new_empty((N,))
+    if len({g.stride(1) for g in parts}) > 1:  # one column stride in the kernel: unit it
+        parts = tuple(g if g.stride(1) == 1 else g.contiguous() for g in parts)
+    grad_w = grad_out.new_empty((len(parts) * N, K))
+    grad_b = grad_out.new_empty((len(parts) * N,))
     if N == 0:
         return grad_w, grad_b
     block_n, block_k, block_m, num_warps, num_stages = wgrad_tiles(grad_out.dtype, N, K)
-    grid = (triton.cdiv(N, block_n), max(1, triton.cdiv(K, block_k)))
+    grid = (triton.cdiv(N, block_n), max(1, triton.cdiv(K, block_k)), len(parts))
+    g0, g1, g2 = (parts + (parts[0],) * 2)[:3]  # unused pointers: part 0's (never read)
     _linear_wgrad_kernel[grid](
-        grad_out, inp, grad_w, grad_b,
+        g0, g1, g2, inp, grad_w, grad_b,
         M, N, K,
-        grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
-        **_dot_flags(grad_out),
+        g0.stride(0), g1.stride(0), g2.stride(0), g0.stride(1), inp.stride(0), inp.stride(1),
+        PARTS=len(parts), **_dot_flags(grad_out),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages,
     )
     return grad_w, grad_b

@@ -574,10 +574,18 @@ def _charge_mlp_fc2_gelu_grad(counter, args, kwargs, out):
     return Charge(tensor_bytes(grad_y) + tensor_bytes(weight) + tensor_bytes(pre), tensor_bytes(out), 1)
 
 
+def _linear_weight_grad_parts(args, kwargs):
+    """The column parts of G a mae_fast::linear_weight_grad call passes: grad_out, grad_out_1, grad_out_2."""
+    parts = [args[0]] + list(args[2:4]) + [kwargs.get(k) for k in ("grad_out_1", "grad_out_2")]
+    return [g for g in parts if g is not None]
+
+
 def _charge_linear_weight_grad(counter, args, kwargs, out):
-    grad_out, inp = args[:2]
-    # _linear_wgrad_kernel: G and X once -> dW and db
-    return Charge(tensor_bytes(grad_out) + tensor_bytes(inp), sum(tensor_bytes(t) for t in out), 1)
+    inp = args[1]
+    # _linear_wgrad_kernel: each part of G (1 or 3: the qkv projection's dq, dk, dv) and X once
+    # -> dW and db, one launch
+    return Charge(sum(tensor_bytes(g) for g in _linear_weight_grad_parts(args, kwargs)) + tensor_bytes(inp),
+                  sum(tensor_bytes(t) for t in out), 1)
 
 
 KERNEL_CHARGES: Dict[str, Callable[..., Charge]] = {
@@ -651,8 +659,9 @@ def _register_mlp_flop_formulas() -> None:
 
     @register_flop_formula(torch.ops.mae_fast.linear_weight_grad)
     def _linear_weight_grad(grad_out_shape, inp_shape, *args, out_shape=None, **kwargs) -> int:
-        """dW (N, K) = G^T (N, M) @ X (M, K)."""
-        return 2 * grad_out_shape[0] * grad_out_shape[1] * inp_shape[1]
+        """dW (P N, K) = G^T (P N, M) @ X (M, K), G in P column parts (M, N) (grad_out_1 / _2)."""
+        parts = 1 + sum(s is not None for s in list(args[:2]) + [kwargs.get("grad_out_1"), kwargs.get("grad_out_2")])
+        return 2 * grad_out_shape[0] * parts * grad_out_shape[1] * inp_shape[1]
 
 
 _register_mlp_flop_formulas()

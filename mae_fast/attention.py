@@ -321,6 +321,10 @@ def _head_rows(g, impl: str):
     return g.transpose(1, 2).reshape(B * M, H * K)
 
 
+# dtypes of the Triton weight-gradient GEMM (mae_fast::linear_weight_grad)
+WGRAD_GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class _QKVAttention(torch.autograd.Function):
     """out = attention(split(x @ W^T + b)), x (B, M, C), W (3C, C), b (3C,) -> (B, M, C).
 
@@ -328,14 +332,18 @@ class _QKVAttention(torch.autograd.Function):
     graph built in forward on detached q, k, v views), each in the memory the attention kernel
     wrote, and the projection's gradients are taken from them directly, never merged into one
     d(qkv) (autograd's plain path stacks them and copies the stack back to (B, M, 3C)):
-      dW (3C, C): three GEMMs dq^T x, dk^T x, dv^T x into row slices of one buffer;
-      db (3C,):   three column sums into slices of one buffer;
+      dW (3C, C) and db (3C,): with ``MAE_FAST_MLP=gemm`` (the "mlp" choice of ``gemm_backend``
+        is triton) and fp32 / fp16 / bf16, ONE launch of the Triton weight-gradient GEMM
+        ``mae_fast::linear_weight_grad`` with G = [dq | dk | dv] given as three column parts
+        (read in place, strides their own), the bias sums taken from the G tiles it loads;
+        otherwise (the default) three cuBLAS GEMMs dq^T x, dk^T x, dv^T x into row slices of
+        one buffer and three column sums into slices of one buffer;
       dx (B, M, C): dq Wq + dk Wk + dv Wv, one GEMM then two accumulating ones.
     Saved for backward: x and W (what the linear's backward saves) and the attention's own
     graph (q, k, v views of the qkv buffer, out, log-sum-exp: what the plain path saves)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_heads: int, scale: float, backend: str):
+    def forward(ctx, x, weight, bias, num_heads: int, scale: float, backend: str, wgrad_gemm: bool):
         qkv = F.linear(x, weight, bias)  # (B, M, 3C)
         impl, xops = _resolve(qkv, num_heads, scale, backend, needs_grad=True)
         q, k, v = (t.detach().requires_grad_() for t in _split(impl, qkv, num_heads))
@@ -344,6 +352,7 @@ class _QKVAttention(torch.autograd.Function):
         ctx.graph = (out, q, k, v)
         ctx.impl = impl
         ctx.has_bias = bias is not None
+        ctx.wgrad_gemm = wgrad_gemm
         ctx.save_for_backward(x, weight)
         return out.detach()
 
@@ -367,25 +376,33 @@ class _QKVAttention(torch.autograd.Function):
             dx.addmm_(rows[1], weight[C:2 * C])
             dx.addmm_(rows[2], weight[2 * C:])
             dx = dx.view(B, M, C)
+        need_b = need_b and ctx.has_bias
+        if ctx.wgrad_gemm and (need_w or need_b):  # one Triton launch: dW (3C, C) and db (3C,)
+            dw, db = torch.ops.mae_fast.linear_weight_grad(rows[0], x.reshape(B * M, C), rows[1], rows[2])
+            return dx, dw if need_w else None, db if need_b else None, None, None, None, None
         if need_w:
             x2d = x.reshape(B * M, C)
             dw = weight.new_empty(weight.shape)  # (3C, C)
             for i, g in enumerate(rows):
                 torch.mm(g.t(), x2d, out=dw[i * C:(i + 1) * C])
-        if need_b and ctx.has_bias:
+        if need_b:
             db = weight.new_empty(3 * C)
             for i, g in enumerate(rows):
                 torch.sum(g, 0, out=db[i * C:(i + 1) * C])
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
-def qkv_attention(x, qkv, num_heads: int, scale: float, *, backend: str = "auto", fused: bool = True):
+def qkv_attention(x, qkv, num_heads: int, scale: float, *, backend: str = "auto", fused: bool = True,
+                  gemm_backend: str = "auto"):
     """The qkv projection ``qkv`` (an ``nn.Linear(C, 3C)``) of x (B, M, C) and attention -> (B, M, C).
 
     ``fused=True`` (default) runs ``_QKVAttention``, whose backward never forms d(qkv), when it
     can: a plain ``nn.Linear`` without hooks, a fused backend (sdpa / xformers), gradients
     wanted, not under torch.compile (which traces the plain path and derives its own
     backward). Otherwise the plain path: ``attend(qkv(x), ...)``. Both compute the same math.
+    ``gemm_backend`` (a ``mae_fast.backends`` name, the model's ``backend``): where its "mlp"
+    choice is triton (``MAE_FAST_MLP=gemm``) the fused backward's dW and db are one Triton
+    weight-gradient launch (fp32 / fp16 / bf16; other dtypes run the cuBLAS code).
     """
     if not (fused and type(qkv) is torch.nn.Linear and not (qkv._forward_hooks or qkv._forward_pre_hooks)
             and torch.is_grad_enabled() and (x.requires_grad or qkv.weight.requires_grad)
@@ -402,8 +419,10 @@ def qkv_attention(x, qkv, num_heads: int, scale: float, *, backend: str = "auto"
     if dtype is not None:  # autocast's casts, made here (recorded by autograd, as autocast's are)
         cast = lambda t: t.to(dtype) if t is not None and t.dtype != torch.float64 else t  # noqa: E731
         x, weight, bias = cast(x), cast(weight), cast(bias)
+    wgrad_gemm = (choose("mlp", x.device, gemm_backend).impl == "triton"
+                  and x.dtype == weight.dtype and x.dtype in WGRAD_GEMM_DTYPES)
     with _autocast_off(x.device.type):
-        return _QKVAttention.apply(x, weight, bias, num_heads, scale, backend)
+        return _QKVAttention.apply(x, weight, bias, num_heads, scale, backend, wgrad_gemm)
 
 
 def _autocast_off(device_type: str):

@@ -51,13 +51,15 @@ class Attention(nn.Module):
         # True: the qkv projection's backward takes dq, dk, dv from the attention's backward
         # without merging them into d(qkv) (mae_fast.attention.qkv_attention); False: plain
         self.fused_qkv = True
+        # mae_fast.backends backend of the fused backward's weight-gradient GEMM (MAE_FAST_MLP=gemm)
+        self.gemm_backend = "auto"
 
     def forward(self, x, return_attn: bool = False):
         if return_attn:
             x, attn = attend(self.qkv(x), self.num_heads, self.scale, backend=self.backend, return_attn=True)
         else:
             x, attn = qkv_attention(x, self.qkv, self.num_heads, self.scale, backend=self.backend,
-                                    fused=self.fused_qkv), None  # (B, M, C)
+                                    fused=self.fused_qkv, gemm_backend=self.gemm_backend), None  # (B, M, C)
         x = self.proj_drop(self.proj(x))  # (B, M, C)
         return (x, attn) if return_attn else x
 

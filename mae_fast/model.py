@@ -67,6 +67,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.set_fused_blocks(True)
         for blk in list(self.blocks) + list(self.decoder_blocks):
             blk.mlp.backend = self.backend  # the opt-in MLP GEMMs (MAE_FAST_MLP=gemm) follow backend
+            blk.attn.gemm_backend = self.backend  # and the qkv weight-gradient GEMM
         self.set_input_normalization(input_mean, input_std)
         self.initialize_weights()
 

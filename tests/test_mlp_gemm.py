@@ -157,13 +157,45 @@ def test_weight_grad_is_deterministic_and_reads_strided_inputs(device):
     torch.testing.assert_close(first[1].double(), g.double().sum(0), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_grad_of_three_column_parts(dtype, device):
+    """G = [G0 | G1 | G2] given as three (M, N) parts (the qkv projection's dq, dk, dv), each
+    with its own row stride (a column slice of a wider buffer, a contiguous tensor, a row-strided
+    view) -> dW (3N, K) and db (3N,) from one launch, against float64 on the concatenated G: one
+    rounding to the dtype at most (fp32: summation order)."""
+    M, N, K = 37, 10, 13  # rows over two BLOCK_M steps, widths below one tile
+    wide, tall = torch.randn(M, 3 * N).to(dtype), torch.randn(2 * M, N).to(dtype)
+    parts = (wide[:, N:2 * N], torch.randn(M, N).to(dtype), tall[::2])
+    x = torch.randn(M, K).to(dtype)
+    grad_w, grad_b = mlp_ops.linear_weight_grad(parts[0], x, parts[1], parts[2])
+    g = torch.cat(parts, 1).double()
+    want_w, want_b = g.t() @ x.double(), g.sum(0)
+    assert grad_w.shape == (3 * N, K) and grad_b.shape == (3 * N,) and grad_w.dtype == grad_b.dtype == dtype
+    eps = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
+    torch.testing.assert_close(grad_w.double(), want_w, atol=eps * want_w.abs().max().item(), rtol=eps)
+    torch.testing.assert_close(grad_b.double(), want_b, atol=eps * want_b.abs().max().item(), rtol=eps)
+    again = mlp_ops.linear_weight_grad(parts[0], x, parts[1], parts[2])  # deterministic
+    assert torch.equal(again[0], grad_w) and torch.equal(again[1], grad_b)
+
+
+def test_weight_grad_bad_parts_are_clear_errors():
+    g, x = torch.randn(5, 4), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="without grad_out_1"):
+        mlp_ops.linear_weight_grad(g, x, None, g)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        mlp_ops.linear_weight_grad(g, x, torch.randn(5, 5))
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        mlp_ops.linear_weight_grad(g, x, g.double())
+
+
 def test_torch_fallback_of_the_op_bodies(monkeypatch, device):
     """Off-Triton devices run torch code in the op bodies: it agrees with the kernels."""
     x, w1, b1 = torch.randn(9, 12), torch.randn(20, 12) * 0.3, torch.randn(20)
     grad_y, w2 = torch.randn(9, 12), torch.randn(12, 20) * 0.3
     runs = lambda: (*mlp_ops.mlp_fc1_gelu(x, w1, b1),  # noqa: E731
                     mlp_ops.mlp_fc2_gelu_grad(grad_y, w2, x @ w1.t()),
-                    *mlp_ops.linear_weight_grad(grad_y, x))
+                    *mlp_ops.linear_weight_grad(grad_y, x),
+                    *mlp_ops.linear_weight_grad(grad_y, x, 2 * grad_y, grad_y.flip(0)))
     triton_out = runs()
     monkeypatch.setattr(mlp_ops, "_triton_runs", lambda device: False)
     for a, b in zip(triton_out, runs()):
@@ -180,6 +212,8 @@ def test_opcheck(device):
     torch.library.opcheck(mlp_ops.mlp_fc2, (act, pre, w2, b2))
     torch.library.opcheck(mlp_ops.mlp_fc2_gelu_grad, (torch.randn(5, 3), w2.detach(), pre.detach()))
     torch.library.opcheck(mlp_ops.linear_weight_grad, (torch.randn(5, 3), x.detach()))
+    torch.library.opcheck(mlp_ops.linear_weight_grad, (torch.randn(5, 3), x.detach(), torch.randn(5, 3),
+                                                      torch.randn(5, 3)))
 
 
 def test_meta_shapes():
@@ -193,6 +227,11 @@ def test_meta_shapes():
                                                 w2, pre).shape == (6, 16)
     gw, gb = torch.ops.mae_fast.linear_weight_grad(pre, x)
     assert gw.shape == (16, 8) and gb.shape == (16,)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as flops:
+        gw, gb = torch.ops.mae_fast.linear_weight_grad(pre, x, pre, pre)
+    assert gw.shape == (48, 8) and gb.shape == (48,)
+    assert flops.get_total_flops() == 2 * 6 * 48 * 8  # dW (3 * 16, 8) over 6 rows
 
 
 def test_torch_compile_fullgraph(gemm_mode, device):
@@ -275,14 +314,26 @@ def _model_run(model, imgs, noise, autocast_dtype=None):
 
 def test_whole_model_under_bf16_autocast_with_the_option_on(gemm_mode, device):
     """backend="fast" with MAE_FAST_MLP=gemm against backend="reference" under bf16 autocast: loss,
-    pred and every gradient within twice the reference's own error against fp32 (flash rule)."""
+    pred and every gradient within twice the reference's own error against fp32 (flash rule).
+    Each block's qkv projection takes its dW and db from one weight-gradient launch on dq, dk, dv."""
+    from torch.utils._python_dispatch import TorchDispatchMode
     ref, fast = _model_pair()
-    assert all(mlp_ops.fused_mlp_runs(b.mlp, torch.empty(1, device=device), "fast")
-               for b in list(fast.blocks) + list(fast.decoder_blocks))
+    blocks = list(fast.blocks) + list(fast.decoder_blocks)
+    assert all(mlp_ops.fused_mlp_runs(b.mlp, torch.empty(1, device=device), "fast") for b in blocks)
     imgs, noise = torch.randn(2, 3, 8, 12), torch.rand(2, 6)
     exact = _model_run(copy.deepcopy(ref), imgs, noise)
     want = _model_run(ref, imgs, noise, torch.bfloat16)
-    got = _model_run(fast, imgs, noise, torch.bfloat16)
+
+    class WeightGrads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name() == "mae_fast::linear_weight_grad":
+                parts.append(sum(a is not None for a in args) - 1)
+            return func(*args, **(kwargs or {}))
+
+    parts = []
+    with WeightGrads():
+        got = _model_run(fast, imgs, noise, torch.bfloat16)
+    assert sorted(parts) == [1, 1] * len(blocks) + [3] * len(blocks)  # fc1, fc2; qkv: dq | dk | dv
     assert len(got) == len(want) == len(exact)
     for i, (g, w, e) in enumerate(zip(got, want, exact)):
         err_fast, err_torch = (g.float() - e).abs().max().item(), (w.float() - e).abs().max().item()
@@ -324,7 +375,8 @@ def test_saved_activations_do_not_grow(gemm_mode, monkeypatch):
 
 def test_accounting_with_the_option_on(monkeypatch):
     """On meta, a tiny model's step: the same FLOPs as the plain MLP (so still HF's within 1 %),
-    no aten gelu / gelu_backward, 1 launch fewer forward and 3 fewer backward per MLP."""
+    no aten gelu / gelu_backward, 1 launch fewer forward and 3 fewer backward per MLP, and 5
+    fewer backward per qkv projection (3 mm + 3 sum -> one weight-gradient launch)."""
     def counted(mode):
         monkeypatch.setenv("MAE_FAST_MLP", mode)
         mae = accounting.build_meta_model(lambda backend: MaskedAutoencoderViT(**TINY, backend=backend),
@@ -338,7 +390,7 @@ def test_accounting_with_the_option_on(monkeypatch):
     assert "aten::gelu" not in ops and "aten::gelu_backward" not in ops
     assert set(accounting.MLP_GEMM_OPS) <= ops
     assert plain.total(phases=("fwd",)).ops - gemm.total(phases=("fwd",)).ops == blocks
-    assert plain.total(phases=("bwd",)).ops - gemm.total(phases=("bwd",)).ops == 3 * blocks
+    assert plain.total(phases=("bwd",)).ops - gemm.total(phases=("bwd",)).ops == (3 + 5) * blocks
     assert gemm.total().bytes < plain.total().bytes
     backends.clear_cache()
 
@@ -360,6 +412,43 @@ def test_charges_equal_what_the_kernels_load_and_store(dtype):
     grad_y = torch.randn(M, C).to(dtype)
     assert_charge_is_real(mlp_ops.mlp_fc2_gelu_grad, grad_y, w2, pre, kernels=["_mlp_gemm_kernel"])
     assert_charge_is_real(mlp_ops.linear_weight_grad, pre, x, kernels=["_linear_wgrad_kernel"])
+    # three column parts (the qkv projection's dq, dk, dv): still one launch, each part read once
+    parts = torch.randn(3, M, 2 * H).to(dtype)[:, :, ::2].unbind(0)
+    assert_charge_is_real(mlp_ops.linear_weight_grad, parts[0], x, parts[1], parts[2],
+                          kernels=["_linear_wgrad_kernel"])
+
+
+_COMPILE_PARTS_WITH_UNIT_ROW_STRIDES = """
+import sys, torch, triton
+sys.path.insert(0, sys.argv[1])
+import triton_aot as tool
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from mae_fast.kernels import mlp_gemm
+t = lambda *shape: torch.empty(*shape, device="meta")
+for parts in ((t(40, 1), t(40, 1), t(40, 1)), (t(40, 1), t(40, 3)[:, 1:2], t(40, 1))):
+    sink = []
+    with tool._recording(mlp_gemm, sink):
+        mlp_gemm.linear_weight_grad(parts[0], t(40, 8), *parts[1:])
+    (name, grid, args, kwargs), = sink
+    target = GPUTarget("cuda", 90, 32)
+    options = make_backend(target).parse_options({k: kwargs[k] for k in ("num_warps", "num_stages")})
+    triton.compile(tool._source(getattr(mlp_gemm, name), args, kwargs), target=target, options=options.__dict__)
+"""
+
+
+def test_three_part_weight_grad_compiles_with_unit_row_strides():
+    """The JIT makes an int argument equal to 1 a constexpr: parts of width 1 have row stride 1,
+    alone or beside a part whose row stride is 3. The kernel picks the part's G with a select,
+    which compiles either way (an if / else could not merge a constexpr with an int: it failed
+    to compile). The interpreter does not specialise, so only a compile shows it (sm_90, no GPU)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_PARTS_WITH_UNIT_ROW_STRIDES, os.path.join(root, "tools")],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_every_mlp_width_and_dtype_is_in_the_aot_launches():
@@ -381,7 +470,7 @@ def test_every_mlp_width_and_dtype_is_in_the_aot_launches():
             keys.setdefault(label, set()).add(
                 (name, repr([tool._specialisation(a) for a in args]), repr(sorted(kwargs.items()))))
     assert all(len(v) == 1 for v in keys.values()), keys  # every width: the same variant
-    assert len(keys) == 3 * 3  # 3 dtypes x (fc1 + GELU, dgrad * GELU', wgrad + bias)
+    assert len(keys) == 3 * 4  # 3 dtypes x (fc1 + GELU, dgrad * GELU', wgrad + bias, qkv's 3-part wgrad)
     labels = [label for label, *_ in tool.launches()]
     assert set(keys) <= set(labels)
     assert {name for _, _, name, *_ in tool.launches() if name.startswith("_mlp") or name.startswith("_linear")} \

@@ -294,7 +294,8 @@ MLP_WIDTHS = {"ViT-B/16": (768, 3072, 256 * 50), "ViT-L/16": (1024, 4096, 256 * 
 def mlp_calls():
     """Every launch of kernels/mlp_gemm.py at every MLP width, in bf16, fp16 (autocast or pure
     low precision) and fp32: fc1 + GELU (forward), fc2's grad-input GEMM with GELU', and the
-    weight-gradient GEMM with the bias sums (fc2's: G = dy, X = act; fc1's: G = d(pre), X = x).
+    weight-gradient GEMM with the bias sums (fc2's: G = dy, X = act; fc1's: G = d(pre), X = x;
+    the qkv projection's: G = dq | dk | dv, three column parts, X = x).
     The widths are all multiples of 16, so they specialise alike and `launches` keeps the first
     of each (tests/test_mlp_gemm.py checks this)."""
     import torch
@@ -312,6 +313,10 @@ def mlp_calls():
                  lambda x=x, w2=w2, pre=pre: mlp_gemm.fc2_gelu_grad(x, w2, pre)),
                 (f"mlp wgrad+bias {tag}", mlp_gemm, lambda x=x, pre=pre: mlp_gemm.linear_weight_grad(x, pre)),
                 (f"mlp wgrad+bias {tag}", mlp_gemm, lambda x=x, pre=pre: mlp_gemm.linear_weight_grad(pre, x)),
+                # the qkv projection's dW (3C, C) and db from dq, dk, dv (B*M, C) as 3 column parts
+                (f"qkv wgrad+bias dq|dk|dv {tag}", mlp_gemm,
+                 lambda x=x: mlp_gemm.linear_weight_grad(torch.empty_like(x), x, torch.empty_like(x),
+                                                         torch.empty_like(x))),
             ]
     return calls
 

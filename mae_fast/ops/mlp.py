@@ -17,6 +17,11 @@ Four torch ops (``torch.library.custom_op`` + ``register_fake``; the two forward
   ``mae_fast::linear_weight_grad`` G, X -> (dW = G^T X, db = column sums of G): one Triton
                                   kernel, the bias gradient accumulated from the G tiles the
                                   weight-gradient GEMM already loads (used for fc2 and fc1).
+                                  G may be given as up to 3 column parts (``grad_out_1``,
+                                  ``grad_out_2``), each read where it lies: the qkv projection's
+                                  backward (``mae_fast.attention._QKVAttention``) passes dq, dk,
+                                  dv and gets dW (3C, C) and db (3C,) from one launch (the
+                                  default, MAE_FAST_MLP=plain, runs 3 mm + 3 sum there).
 dx = d(pre) @ W1 stays ``torch.mm``.
 
 Saved for backward (vs autograd's plain path): x, W1, pre, act, W2, exactly what the plain
@@ -68,7 +73,8 @@ def _choose(device: torch.device, backend: str) -> Choice:
                                        "backend='fast' runs it")
     if runs:
         return Choice(OP, "triton", f"{ENV}=gemm: fc1 GEMM with bias + GELU epilogue, GELU' in "
-                                    f"fc2's grad-input GEMM, bias grads in the weight-grad GEMMs; {why}")
+                                    f"fc2's grad-input GEMM, bias grads in the weight-grad GEMMs (the qkv "
+                                    f"projection's dW + db too: one launch on dq, dk, dv); {why}")
     if backend == "fast":
         raise RuntimeError(f"backend='fast' with {ENV}=gemm: the MLP cannot run triton on {device}: {why}")
     return Choice(OP, "reference", f"triton unavailable ({why}): nn.Linear + nn.GELU() + nn.Linear")
@@ -136,20 +142,35 @@ def _(grad_y, weight, pre):
 
 
 @torch.library.custom_op("mae_fast::linear_weight_grad", mutates_args=())
-def linear_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def linear_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, grad_out_1: Optional[torch.Tensor] = None,
+                       grad_out_2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """A Linear's parameter gradients in one op: grad_out (M, N), inp (M, K), one dtype ->
     grad_weight = grad_out^T @ inp (N, K) and grad_bias = column sums of grad_out (N,), fp32
-    accumulation, deterministic (one program per output tile, rows in order)."""
+    accumulation, deterministic (one program per output tile, rows in order).
+
+    ``grad_out_1`` / ``grad_out_2`` (M, N), optional: more column parts of the output's gradient,
+    G = [grad_out | grad_out_1 | grad_out_2] (M, P * N), each read where it lies (e.g. dq, dk, dv
+    of the qkv projection) -> grad_weight (P * N, K), grad_bias (P * N,), still one launch."""
+    parts = [grad_out] + [g for g in (grad_out_1, grad_out_2) if g is not None]
+    if grad_out_2 is not None and grad_out_1 is None:
+        raise ValueError("linear_weight_grad: grad_out_2 given without grad_out_1")
+    if any(g.dim() != 2 or g.shape != grad_out.shape or g.dtype != grad_out.dtype for g in parts) \
+            or inp.dim() != 2 or inp.shape[0] != grad_out.shape[0] or inp.dtype != grad_out.dtype:
+        raise ValueError("linear_weight_grad: the gradient's parts must be (M, N) of one shape and dtype and "
+                         f"inp (M, K) of that dtype, got {[(tuple(g.shape), g.dtype) for g in parts]} and "
+                         f"inp {(tuple(inp.shape), inp.dtype)}")
     if _triton_runs(grad_out.device):
         from ..kernels import mlp_gemm
-        return mlp_gemm.linear_weight_grad(grad_out, inp)
-    g = grad_out.float()
-    return (g.t() @ inp.float()).to(grad_out.dtype), g.sum(0).to(grad_out.dtype)
+        return mlp_gemm.linear_weight_grad(parts[0], inp, *parts[1:])
+    x = inp.float()
+    return (torch.cat([g.float().t() @ x for g in parts]).to(grad_out.dtype),
+            torch.cat([g.float().sum(0) for g in parts]).to(grad_out.dtype))
 
 
 @linear_weight_grad.register_fake
-def _(grad_out, inp):
-    return grad_out.new_empty((grad_out.shape[1], inp.shape[1])), grad_out.new_empty((grad_out.shape[1],))
+def _(grad_out, inp, grad_out_1=None, grad_out_2=None):
+    rows = grad_out.shape[1] * (1 + (grad_out_1 is not None) + (grad_out_2 is not None))
+    return grad_out.new_empty((rows, inp.shape[1])), grad_out.new_empty((rows,))
 
 
 # ---- autograd --------------------------------------------------------------------------------
