@@ -239,12 +239,14 @@ def test_info_reports_the_mlp_path(monkeypatch):
     from mae_fast import info
     monkeypatch.delenv("MAE_FAST_MLP", raising=False)
     assert "MAE_FAST_MLP unset or 'plain'" in info.report()
+    assert "block implementation: pending" in info.report()
     monkeypatch.setenv("MAE_FAST_MLP", "gemm")
     text = info.report()
     cuda = text[text.index("on cuda tensors"):]
     line = next(ln for ln in cuda.splitlines() if ln.strip().startswith("mlp"))
     assert "MAE_FAST_MLP=gemm" in line
     assert "MLP GEMM path (opt-in, MAE_FAST_MLP=gemm; GPU speed not measured): gemm" in text
+    assert "block implementation: stream" in text and "mae_fast::linear_residual" in text
     backends.clear_cache()
 
 

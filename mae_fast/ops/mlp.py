@@ -4,7 +4,7 @@ Opt-in: ``MAE_FAST_MLP=gemm`` (default ``plain``: cuBLAS ``nn.Linear`` + ``nn.GE
 GEMM can lose to cuBLAS in ways byte counts cannot see, so this stays off until a GPU says
 otherwise (docs/PERFORMANCE.md, "1d. MLP GEMM epilogues").
 
-Four torch ops (``torch.library.custom_op`` + ``register_fake``; the two forward ops with
+Five torch ops (``torch.library.custom_op`` + ``register_fake``; the three forward ops with
 ``register_autograd``), on x (M, C) -> hidden (M, H) -> y (M, C_out):
   ``mae_fast::mlp_fc1_gelu``      x, W1, b1 -> (pre, act): one Triton GEMM whose epilogue adds
                                   b1 and applies exact erf GELU in fp32; it stores ``pre``
@@ -12,11 +12,21 @@ Four torch ops (``torch.library.custom_op`` + ``register_fake``; the two forward
   ``mae_fast::mlp_fc2``           act, pre, W2, b2 -> y = act W2^T + b2 (cuBLAS, ``F.linear``).
                                   ``act`` is GELU(pre), fc1's cached output: the backward
                                   differentiates through the GELU and returns d(pre), not d(act);
+                                  with a residual s (the blocks' stream form): y = s + (act W2^T
+                                  + b2), the add in the Triton GEMM's epilogue (as
+                                  linear_residual), and the backward returns dy for s as is;
   ``mae_fast::mlp_fc2_gelu_grad`` dy, W2, pre -> d(pre) = (dy @ W2) * GELU'(pre): one Triton GEMM
                                   with GELU' in its epilogue (d(act) is never written);
   ``mae_fast::linear_weight_grad`` G, X -> (dW = G^T X, db = column sums of G): one Triton
                                   kernel, the bias gradient accumulated from the G tiles the
-                                  weight-gradient GEMM already loads (used for fc2 and fc1).
+                                  weight-gradient GEMM already loads (used for fc2 and fc1);
+  ``mae_fast::linear_residual``   a, W, b, s -> s + (a W^T + b): the attention proj of the
+                                  blocks' stream form, one Triton GEMM whose epilogue rounds the
+                                  branch to a's dtype, adds s in fp32 and rounds once (the plain
+                                  ``s + F.linear(a, W, b)``'s two roundings). Backward: ds = dout
+                                  (passed through, no copy), da = dout @ W (``torch.mm``), dW and
+                                  db from ``linear_weight_grad``. Saves a and W (what the plain
+                                  linear saves; the plain add saves nothing).
 dx = d(pre) @ W1 stays ``torch.mm``.
 
 Saved for backward (vs autograd's plain path): x, W1, pre, act, W2, exactly what the plain
