@@ -345,24 +345,15 @@ def test_norm_stream_matches_the_plain_layer_norm_and_sums_the_stream_gradient(d
 def test_norm_stream_passes_the_stream_on_without_a_copy_and_in_one_backward_kernel():
     """The stream output is autograd's view of the input (same memory); the backward is one
     add_layer_norm_backward with dh (no aten add of the two gradients of s)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
-
+    from mae_fast.accounting import TrafficCounter
     s = torch.randn(2, 3, 40, requires_grad=True)
     norm = nn.LayerNorm(40)
     y, s_out = layernorm.norm_stream(s, norm, backend="fast")
     assert s_out.data_ptr() == s.data_ptr() and s_out._base is not None and s_out.grad_fn is not None
-    with Ops() as seen:
-        torch.autograd.backward([y, s_out], [torch.randn_like(y), torch.randn_like(s_out)])
-    kernels = [n for n in seen.names if n.startswith("mae_fast::") or n.split(".")[0] in ("aten::add", "aten::add_")]
+    grads = [torch.randn_like(y), torch.randn_like(s_out)]
+    with TrafficCounter() as seen:  # every dispatched op
+        torch.autograd.backward([y, s_out], grads)
+    kernels = [n for n in (r.op for r in seen.log) if n.startswith("mae_fast::") or n.split(".")[0] in ("aten::add", "aten::add_")]
     assert kernels == ["mae_fast::add_layer_norm_backward"], kernels
     # plain fallbacks pass s itself: a hooked norm, the reference backend
     hooked = nn.LayerNorm(40)

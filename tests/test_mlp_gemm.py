@@ -526,27 +526,17 @@ def test_stream_blocks_run_the_residual_epilogues_and_match_the_plain_blocks(gem
     """fp32, MAE_FAST_MLP=gemm: every block runs its stream form (the adds in the proj / fc2
     epilogues, no aten add anywhere in the step, forward or backward), and the step equals
     set_fused_blocks(False) (the plain blocks, same MLP GEMMs)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
-
     _, fast = _model_pair()
     x = torch.empty(1, 2, 32)
     assert all(b.stream_runs(x) for b in list(fast.blocks) + list(fast.decoder_blocks))
     imgs, noise = torch.randn(2, 3, 8, 12), torch.rand(2, 6)
-    with Ops() as seen:
+    with accounting.TrafficCounter() as seen:  # every dispatched op, forward and backward
         got = _model_run(fast, imgs, noise)
+    names = [r.op for r in seen.log]
     blocks = TINY["depth"] + TINY["decoder_depth"]
-    assert seen.names.count("mae_fast::linear_residual") == blocks
-    assert seen.names.count("mae_fast::mlp_fc2") == blocks
-    adds = [n for n in seen.names if n.split(".")[0] in ("aten::add", "aten::add_")]
+    assert names.count("mae_fast::linear_residual") == blocks
+    assert names.count("mae_fast::mlp_fc2") == blocks
+    adds = [n for n in names if n.split(".")[0] in ("aten::add", "aten::add_")]
     assert not adds, f"a residual add ran outside a GEMM: {adds}"
     fast.set_fused_blocks(False)
     assert not any(b.stream_runs(x) for b in fast.blocks)
