@@ -129,7 +129,6 @@ class Block(nn.Module):
         x, y = add_norm(x, self.attn(y), self.norm2, fused=self.fused_norm, backend=self.backend)
         return x, self.mlp(y)
 
-
     def stream_runs(self, x) -> bool:
         """Whether the block runs ``forward_stream`` on x: fused blocks, the MLP on the Triton
         GEMMs (``mlp_ops.fused_mlp_runs``: MAE_FAST_MLP=gemm), the attention module and its proj

@@ -184,16 +184,13 @@ def _unsupported(x, branch, weight, bias, autocast_fp32: bool) -> str:
 _warned = set()
 
 
-def add_layer_norm(x, branch, weight, bias, eps: float, *, backend="auto"):
-    """x (..., D); branch like x or None; weight, bias (D,) -> (h = x + branch (x itself when
-    branch is None), y = LayerNorm(h)), as ``reference_add_layer_norm``."""
-    choice = choose(OP, x.device, backend)
-    if choice.impl == "reference":
-        return reference_add_layer_norm(x, branch, weight, bias, eps)
+def _kernel_y_dtype(x, branch, weight, bias, backend):
+    """The dtype of y when the Triton kernel takes these inputs, else None (the reference
+    runs): backend="fast" raises where it cannot run, "auto" warns once per reason on CUDA."""
+    if choose(OP, x.device, backend).impl == "reference":
+        return None
     check_same_device(x=x, branch=branch, weight=weight, bias=bias)
     autocast_fp32 = _autocast_layer_norm_fp32(x.device.type)
-    h_dtype = torch.promote_types(x.dtype, branch.dtype) if branch is not None else x.dtype
-    y_dtype = torch.float32 if autocast_fp32 else h_dtype
     why = _unsupported(x, branch, weight, bias, autocast_fp32)
     if why:
         if backend == "fast":
@@ -201,7 +198,17 @@ def add_layer_norm(x, branch, weight, bias, eps: float, *, backend="auto"):
         if why not in _warned and x.device.type == "cuda":
             _warned.add(why)
             warnings.warn(f"mae_fast: {OP} runs the reference (plain add + F.layer_norm) for {why}",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
+        return None
+    h_dtype = torch.promote_types(x.dtype, branch.dtype) if branch is not None else x.dtype
+    return torch.float32 if autocast_fp32 else h_dtype
+
+
+def add_layer_norm(x, branch, weight, bias, eps: float, *, backend="auto"):
+    """x (..., D); branch like x or None; weight, bias (D,) -> (h = x + branch (x itself when
+    branch is None), y = LayerNorm(h)), as ``reference_add_layer_norm``."""
+    y_dtype = _kernel_y_dtype(x, branch, weight, bias, backend)
+    if y_dtype is None:
         return reference_add_layer_norm(x, branch, weight, bias, eps)
     D = x.shape[-1]
     rows = x.reshape(-1, D).contiguous()
@@ -234,29 +241,26 @@ class _NormStream(torch.autograd.Function):
                 dbias if need_bias else None, None, None)
 
 
+def _is_plain_layer_norm(norm: nn.Module) -> bool:
+    """An ``nn.LayerNorm`` over the last dim without hooks (what the kernels compute)."""
+    return (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+            and not (norm._forward_hooks or norm._forward_pre_hooks))
+
+
 def norm_stream(s, norm: nn.Module, *, fused: bool = True, backend="auto"):
     """The residual stream s (..., D) -> (norm(s), s'), where s' is s for the residual add
     after it (a GEMM epilogue): with ``fused``, a plain ``nn.LayerNorm`` over the last dim
     without hooks, the kernel's inputs and not under torch.compile, s' is ``_NormStream``'s
     alias of s (the two gradients of s summed in the LayerNorm backward's kernel); otherwise
     s' is s and ``norm`` runs as given (autograd sums the two gradients)."""
-    plain_layer_norm = (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
-                        and not (norm._forward_hooks or norm._forward_pre_hooks))
-    if not (fused and plain_layer_norm) or torch.compiler.is_compiling():
+    plain_layer_norm = _is_plain_layer_norm(norm)
+    if not (fused and plain_layer_norm and s.is_contiguous()) or torch.compiler.is_compiling():
         return norm(s), s
-    weight, bias = norm.weight, norm.bias
-    if choose(OP, s.device, backend).impl == "reference":
-        return norm(s), s
-    check_same_device(x=s, weight=weight, bias=bias)
-    autocast_fp32 = _autocast_layer_norm_fp32(s.device.type)
-    why = _unsupported(s, None, weight, bias, autocast_fp32)
-    if why or not s.is_contiguous():
-        if why and backend == "fast":
-            raise TypeError(f"backend='fast': {OP} cannot run the Triton kernel on {why}")
+    y_dtype = _kernel_y_dtype(s, None, norm.weight, norm.bias, backend)
+    if y_dtype is None:
         return norm(s), s
     D = s.shape[-1]
-    y, rows = _NormStream.apply(s.view(-1, D), weight, bias, float(norm.eps),
-                                torch.float32 if autocast_fp32 else s.dtype)
+    y, rows = _NormStream.apply(s.view(-1, D), norm.weight, norm.bias, float(norm.eps), y_dtype)
     return y.view(s.shape), rows.view(s.shape)
 
 
@@ -265,8 +269,7 @@ def add_norm(x, branch, norm: nn.Module, *, fused: bool = True, backend="auto"):
     ``add_layer_norm`` when ``fused`` and ``norm`` is a plain ``nn.LayerNorm`` over the last dim
     without hooks; otherwise the plain ops, calling ``norm`` itself (a replaced or hooked norm
     runs as given)."""
-    plain_layer_norm = (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
-                        and not (norm._forward_hooks or norm._forward_pre_hooks))
+    plain_layer_norm = _is_plain_layer_norm(norm)
     if fused and plain_layer_norm:
         return add_layer_norm(x, branch, norm.weight, norm.bias, norm.eps, backend=backend)
     h = x if branch is None else x + branch
