@@ -542,3 +542,14 @@ def test_stream_blocks_run_the_residual_epilogues_and_match_the_plain_blocks(gem
     assert not any(b.stream_runs(x) for b in fast.blocks)
     want = _model_run(fast, imgs, noise)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_model_compiles_fullgraph_with_the_option_on(gemm_mode, device):
+    """torch.compile(fullgraph=True) of the model with MAE_FAST_MLP=gemm: under tracing the blocks
+    take the pending form (the stream form's autograd function is eager-only), and the compiled
+    step equals the eager one (stream blocks)."""
+    _, fast = _model_pair()
+    imgs, noise = torch.randn(2, 3, 8, 12), torch.rand(2, 6)
+    eager = _model_run(fast, imgs, noise)
+    compiled = _model_run(torch.compile(fast, fullgraph=True, backend="aot_eager"), imgs, noise)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
