@@ -91,6 +91,8 @@ def _mlp_gemm_kernel(
 
     out_ok = row_ok[:, None] & col_ok[None, :]
     pre_ptrs = pre_ptr + row0 * stride_pm + offs_m[:, None] * stride_pm + cols[None, :]
+    if HAS_BIAS:  # (the forward epilogues; the GELU' launch has no bias)
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if GELU_GRAD:
         # d(pre) = d(act) * GELU'(pre), GELU'(x) = Phi(x) + x * phi(x), in fp32
         pre = tl.load(pre_ptrs, mask=out_ok, other=0.0).to(tl.float32)
@@ -99,15 +101,11 @@ def _mlp_gemm_kernel(
         val = acc * (cdf + pre * pdf)
     elif RESIDUAL:
         # out = round(round(acc + bias) + residual): F.linear's rounding, then the plain add's
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         branch = _round_to(acc, DOT_DTYPE).to(tl.float32)
         res = tl.load(res_ptr + row0 * stride_rm + offs_m[:, None] * stride_rm + cols[None, :],
                       mask=out_ok, other=0.0).to(tl.float32)
         val = _round_to(branch + res, out_ptr.dtype.element_ty)
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=out_ok)
         val = 0.5 * acc * (1.0 + tl.math.erf(acc * SQRT1_2))  # exact GELU of the fp32 pre
     tl.store(out_ptr + row0 * stride_om + offs_m[:, None] * stride_om + cols[None, :],
