@@ -302,6 +302,14 @@ def test_multistep_fp32_trajectory_with_the_option_on(gemm_mode, device):
     for (name, p_ref), p_fast in zip(reference_model.named_parameters(), fast_model.parameters()):
         if "mlp" in name:
             torch.testing.assert_close(p_fast, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    # the stream blocks (residual adds in the proj / fc2 epilogues) move every other weight alike
+    # too, but the k slice of the qkv bias: its gradient is 0 in exact math (softmax ignores a
+    # shift along the keys), so AdamW turns rounding noise into steps (also with the plain blocks)
+    for (name, p_ref), p_fast in zip(reference_model.named_parameters(), fast_model.parameters()):
+        if name.endswith("qkv.bias"):
+            C = p_ref.shape[0] // 3
+            p_ref, p_fast = torch.cat([p_ref[:C], p_ref[2 * C:]]), torch.cat([p_fast[:C], p_fast[2 * C:]])
+        torch.testing.assert_close(p_fast, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_saved_activations_do_not_grow(gemm_mode, monkeypatch):
