@@ -138,6 +138,8 @@ class Block(nn.Module):
                     and type(attn) is Attention and not (attn._forward_hooks or attn._forward_pre_hooks)
                     and mlp_ops._is_plain_linear(attn.proj)
                     and (attn.proj_drop.p == 0.0 or not attn.proj_drop.training)
+                    # the proj's parameters in the MLP's dtype (mixed ones: the plain path's error)
+                    and {p.dtype for p in attn.proj.parameters()} == {self.mlp.fc2.weight.dtype}
                     and mlp_ops.fused_mlp_runs(self.mlp, x, self.mlp.backend))
 
     def forward_stream(self, s):

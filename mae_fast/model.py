@@ -151,8 +151,10 @@ class MaskedAutoencoderViT(nn.Module):
         """True (default): every block's qkv projection + attention runs
         ``mae_fast.attention.qkv_attention``'s fused backward (no d(qkv) merge), and each residual
         add runs with the LayerNorm after it (``mae_fast.ops.add_layer_norm``: norm2, the next
-        block's norm1, the final norm); False: the plain blocks, for A/B comparisons. Same math
-        either way."""
+        block's norm1, the final norm); with ``MAE_FAST_MLP=gemm`` (where the MLP runs the
+        Triton GEMMs) the blocks' stream form instead: each residual add in the proj / fc2 GEMM
+        epilogue, the LayerNorms without an add (``Block.stream_runs``); False: the plain
+        blocks, for A/B comparisons. Same math either way."""
         self.fused_blocks = bool(fused)
         for blk in list(self.blocks) + list(self.decoder_blocks):
             blk.attn.fused_qkv = bool(fused)

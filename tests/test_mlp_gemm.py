@@ -561,3 +561,31 @@ def test_whole_model_compiles_fullgraph_with_the_option_on(gemm_mode, device):
     eager = _model_run(fast, imgs, noise)
     compiled = _model_run(torch.compile(fast, fullgraph=True, backend="aot_eager"), imgs, noise)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_stream_form_only_for_the_plain_block_structure(gemm_mode):
+    """A hooked attention, an active proj dropout, a proj in another dtype than the MLP, or a
+    hooked / non-Triton MLP keep the pending form (the plain ops where they must run as given)."""
+    from mae_fast.layers import Block
+    x = torch.randn(2, 3, 8)
+
+    def block():
+        blk = Block(8, 2, mlp_ratio=2.0, qkv_bias=True)
+        blk.backend = blk.mlp.backend = "fast"
+        return blk
+
+    assert block().stream_runs(x)
+    hooked, drop, half, tanh = block(), block(), block(), block()
+    hooked.attn.register_forward_hook(lambda *a: None)
+    drop.attn.proj_drop.p = 0.1
+    half.attn.proj.to(torch.bfloat16)
+    tanh.mlp.act = nn.GELU(approximate="tanh")
+    for blk in (hooked, drop, half, tanh):
+        assert not blk.stream_runs(x)
+    drop.eval()
+    assert drop.stream_runs(x)
+    blk = block()
+    stream = blk(x)  # the single block's forward runs the stream form too
+    blk.fused_norm = False
+    assert not blk.stream_runs(x)
+    torch.testing.assert_close(stream, blk(x), rtol=1e-5, atol=1e-5)
