@@ -589,3 +589,27 @@ def test_stream_form_only_for_the_plain_block_structure(gemm_mode):
     blk.fused_norm = False
     assert not blk.stream_runs(x)
     torch.testing.assert_close(stream, blk(x), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_add_under_autocast_casts_as_linear_and_not_the_add(device):
+    """linear_add under bf16 autocast: x, W, b cast as aten linear casts them, the fp32 stream
+    not (the add is on no autocast list): out fp32, grads in the leaves' dtypes, as the plain
+    ``s + F.linear(x, W, b)`` under the same autocast, within twice its error against fp64."""
+    x, w, b, s = torch.randn(2, 5, 12), torch.randn(8, 12) * 0.3, torch.randn(8), torch.randn(2, 5, 8)
+    grad = torch.randn(2, 5, 8)
+
+    def run(fn, *leaves, amp=True):
+        leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        with torch.autocast(leaves[0].device.type, dtype=torch.bfloat16, enabled=amp):
+            out = fn(*leaves)
+        out.backward(grad.to(out.dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    plain = lambda x, w, b, s: s + nn.functional.linear(x, w, b)  # noqa: E731
+    got, want = run(mlp_ops.linear_add, x, w, b, s), run(plain, x, w, b, s)
+    exact = run(plain, x.double(), w.double(), b.double(), s.double(), amp=False)
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.float32] * 5
+    for i, (g, w_, e) in enumerate(zip(got, want, exact)):
+        err_fast, err_torch = (g.double() - e).abs().max().item(), (w_.double() - e).abs().max().item()
+        floor = torch.finfo(torch.bfloat16).eps * max(1.0, e.abs().max().item())
+        assert err_fast <= 2 * err_torch + floor, f"output {i}: {err_fast} > 2 * {err_torch} + {floor}"
