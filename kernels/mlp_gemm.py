@@ -8,7 +8,13 @@ the epilogue, so GELU, GELU' and the bias gradients are no separate passes over 
             computed in fp32 from the unrounded pre, each rounded once to the output dtype;
   backward  (GELU_GRAD=True) fc2's grad-input GEMM: A = dy, B = W2; epilogue loads the saved
             ``pre`` and stores ``d(pre) = acc * GELU'(pre)`` (fp32, one rounding): d(act) is
-            never written.
+            never written;
+  residual  (RESIDUAL=True) a Linear whose output is added to the residual stream, the
+            attention proj / fc2 of a pre-norm block (``x = x + branch``): A = the branch's
+            input, B = W^T; epilogue branch = acc + bias rounded to the GEMM's dtype (what
+            ``F.linear`` returns), then out = branch + residual in fp32, rounded once to out's
+            dtype (what the plain ``x + branch`` does): the plain ops' two roundings, so out
+            equals them up to the GEMM's own accumulation order. ``pre`` is not used.
 ``_linear_wgrad_kernel``: a Linear's weight gradient dW (N, K) = G^T @ X over M rows with the
 bias gradient db (N,) = column sums of G in the same walk (the programs of column block 0 sum
 the G tiles they already load); each output tile is reduced by one program over every row in
@@ -27,6 +33,7 @@ import triton.language as tl
 import torch
 from . import on_tensor_device
 from . import patch_gather  # noqa: F401  (applies the interpreter compatibility fix first)
+from .add_layer_norm import _round_to  # round to nearest even, also under the interpreter
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -49,16 +56,16 @@ def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EMULATE_DOT: tl
 
 @triton.jit
 def _mlp_gemm_kernel(
-    a_ptr, b_ptr, bias_ptr, pre_ptr, out_ptr,
+    a_ptr, b_ptr, bias_ptr, pre_ptr, out_ptr, res_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_pm, stride_om,
-    HAS_BIAS: tl.constexpr, GELU_GRAD: tl.constexpr,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_pm, stride_om, stride_rm,
+    HAS_BIAS: tl.constexpr, GELU_GRAD: tl.constexpr, RESIDUAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EMULATE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One program per [BLOCK_M, BLOCK_N] tile of the (M, N) output; programs are ordered in
-    groups of GROUP_M row blocks so that neighbouring programs share B tiles in L2. ``pre`` and
-    ``out`` are (M, N) with unit column stride."""
+    groups of GROUP_M row blocks so that neighbouring programs share B tiles in L2. ``pre``,
+    ``out`` and the residual are (M, N) with unit column stride."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -87,15 +94,21 @@ def _mlp_gemm_kernel(
 
     out_ok = row_ok[:, None] & col_ok[None, :]
     pre_ptrs = pre_ptr + row0 * stride_pm + offs_m[:, None] * stride_pm + cols[None, :]
+    if HAS_BIAS:  # (the forward epilogues; the GELU' launch has no bias)
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if GELU_GRAD:
         # d(pre) = d(act) * GELU'(pre), GELU'(x) = Phi(x) + x * phi(x), in fp32
         pre = tl.load(pre_ptrs, mask=out_ok, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(pre * SQRT1_2))
         pdf = tl.exp(-0.5 * pre * pre) * INV_SQRT_2PI
         val = acc * (cdf + pre * pdf)
+    elif RESIDUAL:
+        # out = round(round(acc + bias) + residual): F.linear's rounding, then the plain add's
+        branch = _round_to(acc, DOT_DTYPE).to(tl.float32)
+        res = tl.load(res_ptr + row0 * stride_rm + offs_m[:, None] * stride_rm + cols[None, :],
+                      mask=out_ok, other=0.0).to(tl.float32)
+        val = _round_to(branch + res, out_ptr.dtype.element_ty)
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=out_ok)
         val = 0.5 * acc * (1.0 + tl.math.erf(acc * SQRT1_2))  # exact GELU of the fp32 pre
     tl.store(out_ptr + row0 * stride_om + offs_m[:, None] * stride_om + cols[None, :],
@@ -194,16 +207,17 @@ def _dot_flags(t: torch.Tensor):
                 EMULATE_DOT=t.device.type == "cpu" and dtype != torch.float32)
 
 
-def _launch_gemm(a, b_t, stride_bk, stride_bn, bias, pre, out, gelu_grad: bool):
+def _launch_gemm(a, b_t, stride_bk, stride_bn, bias, pre, out, gelu_grad: bool, residual=None):
     M, K = a.shape
     N = out.shape[1]
     block_m, block_n, block_k, group_m, num_warps, num_stages = gemm_tiles(a.dtype, N, K)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    res = residual if residual is not None else out
     _mlp_gemm_kernel[grid](
-        a, b_t, bias if bias is not None else out, pre, out,
+        a, b_t, bias if bias is not None else out, pre, out, res,
         M, N, K,
-        a.stride(0), a.stride(1), stride_bk, stride_bn, pre.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, GELU_GRAD=gelu_grad, **_dot_flags(a),
+        a.stride(0), a.stride(1), stride_bk, stride_bn, pre.stride(0), out.stride(0), res.stride(0),
+        HAS_BIAS=bias is not None, GELU_GRAD=gelu_grad, RESIDUAL=residual is not None, **_dot_flags(a),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -231,6 +245,20 @@ def fc2_gelu_grad(grad_y: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor)
         _launch_gemm(grad_y, weight, weight.stride(0), weight.stride(1), None, pre, grad_pre,
                      gelu_grad=True)
     return grad_pre
+
+
+@on_tensor_device
+def linear_residual(a: torch.Tensor, weight: torch.Tensor, bias, residual: torch.Tensor):
+    """a (M, K), weight (N, K), bias (N,) or None, one dtype; residual (M, N) with unit column
+    stride -> out = residual + (a W^T + b) (M, N) contiguous in promote(a's dtype, residual's),
+    the branch rounded to a's dtype before the add (as ``residual + F.linear(a, W, b)``)."""
+    M, K = a.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), dtype=torch.promote_types(a.dtype, residual.dtype), device=a.device)
+    if out.numel():
+        _launch_gemm(a, weight, weight.stride(1), weight.stride(0), bias, out, out, gelu_grad=False,
+                     residual=residual)
+    return out
 
 
 @on_tensor_device

@@ -563,9 +563,19 @@ def _charge_mlp_fc1_gelu(counter, args, kwargs, out):
 
 def _charge_mlp_fc2(counter, args, kwargs, out):
     act, pre, weight, bias = args[:4]
-    # the body is F.linear(act, W2, b2): one aten::addmm (pre is only saved for backward)
+    residual = args[4] if len(args) > 4 else kwargs.get("residual")
+    # no residual: the body is F.linear(act, W2, b2), one aten::addmm (pre is only saved for
+    # backward); with one: _mlp_gemm_kernel's residual epilogue, which also reads the residual
     read = tensor_bytes(act) + tensor_bytes(weight) + (tensor_bytes(bias) if bias is not None else 0)
-    return Charge(read, tensor_bytes(out), 1)
+    return Charge(read + (tensor_bytes(residual) if residual is not None else 0), tensor_bytes(out), 1)
+
+
+def _charge_linear_residual(counter, args, kwargs, out):
+    a, weight, bias, residual = args[:4]
+    # _mlp_gemm_kernel (residual epilogue): a, W, b and the residual -> out
+    read = tensor_bytes(a) + tensor_bytes(weight) + (tensor_bytes(bias) if bias is not None else 0) \
+        + tensor_bytes(residual)
+    return Charge(read, tensor_bytes(out), 1 if out.numel() else 0)
 
 
 def _charge_mlp_fc2_gelu_grad(counter, args, kwargs, out):
@@ -607,6 +617,7 @@ KERNEL_CHARGES: Dict[str, Callable[..., Charge]] = {
     "mae_fast::mlp_fc2": _charge_mlp_fc2,
     "mae_fast::mlp_fc2_gelu_grad": _charge_mlp_fc2_gelu_grad,
     "mae_fast::linear_weight_grad": _charge_linear_weight_grad,
+    "mae_fast::linear_residual": _charge_linear_residual,
     "mae_fast::masked_loss_rows": _charge_masked_loss_rows,
     "mae_fast::masked_loss_rows_backward": _charge_masked_loss_rows_backward,
 }
@@ -651,6 +662,12 @@ def _register_mlp_flop_formulas() -> None:
     def _fc2(act_shape, pre_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
         """y (M, C) = act (M, H) @ W2^T (H, C)."""
         return 2 * act_shape[0] * weight_shape[0] * weight_shape[1]
+
+    @register_flop_formula(torch.ops.mae_fast.linear_residual)
+    def _linear_residual(a_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        """out (M, N) = residual + a (M, K) @ W^T (K, N): the GEMM's 2 M N K (the add, like
+        aten's addmm bias, is not counted)."""
+        return 2 * a_shape[0] * weight_shape[0] * weight_shape[1]
 
     @register_flop_formula(torch.ops.mae_fast.mlp_fc2_gelu_grad)
     def _fc2_gelu_grad(grad_y_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
@@ -1081,7 +1098,7 @@ _GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolu
 
 # the opt-in MLP GEMMs (MAE_FAST_MLP=gemm), epilogues included
 MLP_GEMM_OPS = ("mae_fast::mlp_fc1_gelu", "mae_fast::mlp_fc2", "mae_fast::mlp_fc2_gelu_grad",
-                "mae_fast::linear_weight_grad")
+                "mae_fast::linear_weight_grad", "mae_fast::linear_residual")
 
 
 def op_kind(r: OpRecord) -> str:

@@ -31,6 +31,19 @@ def decoder_masking_line(decoder_mask_ratio: float = 0.0, num_patches: int = 196
             f"patches, mask {mask_ratio} (unshuffle: its len_decode path; loss: masked_loss_rows)")
 
 
+def block_implementation_line(mlp_mode: str) -> str:
+    """Which form the fused blocks run (mae_fast.layers: pending or stream)."""
+    if mlp_mode == "gemm":
+        return ("block implementation: stream (MAE_FAST_MLP=gemm, where the MLP runs triton, not under "
+                "torch.compile): each residual add in the epilogue of the GEMM that makes the branch "
+                "(mae_fast::linear_residual for the attention proj, mae_fast::mlp_fc2 for fc2), each "
+                "LayerNorm without an add (its backward sums the stream's two gradients); elsewhere the "
+                "pending form; model.set_fused_blocks(False) gives the plain blocks")
+    return ("block implementation: pending (each residual add with the LayerNorm after it, "
+            "add_layer_norm); MAE_FAST_MLP=gemm runs the stream form (the adds in the proj / fc2 GEMM "
+            "epilogues); model.set_fused_blocks(False) gives the plain blocks")
+
+
 def report(backend: str = "auto", decoder_mask_ratio: float = 0.0) -> str:
     import torch
 
@@ -72,6 +85,7 @@ def report(backend: str = "auto", decoder_mask_ratio: float = 0.0) -> str:
     except ValueError as e:
         mode = f"ERROR {e}"
     lines.append(f"MLP GEMM path (opt-in, MAE_FAST_MLP=gemm; GPU speed not measured): {mode}")
+    lines.append(block_implementation_line(mode))
     lines.append(decoder_masking_line(decoder_mask_ratio))
     lines += ["contrastive MAE (CAN-style InfoNCE over two masked views, mae_fast.ContrastiveMAE): off by default; "
               "on with `mae-fast pretrain --contrastive-weight W` (the run header then says so); the plain "

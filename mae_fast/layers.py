@@ -1,10 +1,25 @@
 """ViT building blocks with timm's module and parameter names (so official MAE checkpoints load
-unchanged) and no timm dependency. Attention goes through ``mae_fast.attention.attend``."""
+unchanged) and no timm dependency. Attention goes through ``mae_fast.attention.attend``.
+
+What a ``Block`` runs (same math each way; ``model.set_fused_blocks(False)`` gives the plain one):
+  plain:   ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``;
+  pending: (fused blocks, the default) each residual add with the LayerNorm after it,
+           ``mae_fast::add_layer_norm`` (``forward_pending``; the model stacks the blocks so that
+           a block's last add runs with the next block's norm1 or the final norm);
+  stream:  (fused blocks with ``MAE_FAST_MLP=gemm`` where the MLP runs the Triton GEMMs,
+           ``stream_runs``) each residual add in the epilogue of the GEMM that makes the branch:
+           ``y1, s = norm1(s); s = s + proj(attention(y1)); y2, s = norm2(s); s = s + mlp(y2)``
+           with the adds inside ``mae_fast::linear_residual`` (proj) and ``mae_fast::mlp_fc2``
+           (fc2), and the LayerNorms ``mae_fast.ops.layernorm.norm_stream`` (no add: they read
+           the stream once and write y; their backward takes the stream's gradient from the
+           residual add in the same kernel). Saved for backward: what the plain block saves
+           (each LayerNorm's input s, weight, fp32 mean / rstd; each Linear's input and weight;
+           the residual adds save nothing)."""
 import torch
 import torch.nn as nn
 
 from .attention import attend, qkv_attention
-from .ops.layernorm import add_norm
+from .ops.layernorm import add_norm, norm_stream
 from .ops import mlp as mlp_ops
 
 
@@ -99,6 +114,8 @@ class Block(nn.Module):
         self.backend = "auto"  # mae_fast.backends backend of add_layer_norm
 
     def forward(self, x):
+        if self.stream_runs(x):
+            return self.forward_stream(x)
         if not self.fused_norm:
             x = x + self.attn(self.norm1(x))
             x = x + self.mlp(self.norm2(x))
@@ -113,3 +130,29 @@ class Block(nn.Module):
         x, y = add_norm(x, pending, self.norm1, fused=self.fused_norm, backend=self.backend)
         x, y = add_norm(x, self.attn(y), self.norm2, fused=self.fused_norm, backend=self.backend)
         return x, self.mlp(y)
+
+    def stream_runs(self, x) -> bool:
+        """Whether the block runs ``forward_stream`` on x: fused blocks, the MLP on the Triton
+        GEMMs (``mlp_ops.fused_mlp_runs``: MAE_FAST_MLP=gemm), the attention module and its proj
+        the plain structure (no hooks, no active proj dropout), not under torch.compile."""
+        attn = self.attn
+        return bool(self.fused_norm and not torch.compiler.is_compiling()
+                    and type(attn) is Attention and not (attn._forward_hooks or attn._forward_pre_hooks)
+                    and mlp_ops._is_plain_linear(attn.proj)
+                    and (attn.proj_drop.p == 0.0 or not attn.proj_drop.training)
+                    # the proj's parameters in the MLP's dtype (mixed ones: the plain path's error)
+                    and {p.dtype for p in attn.proj.parameters()} == {self.mlp.fc2.weight.dtype}
+                    and mlp_ops.fused_mlp_runs(self.mlp, x, self.mlp.backend))
+
+    def forward_stream(self, s):
+        """The block with each residual add in a GEMM epilogue (see the module docstring): s
+        (B, M, C) -> the block's output (B, M, C)."""
+        y, s = norm_stream(s, self.norm1, backend=self.backend)
+        attn = self.attn
+        o = qkv_attention(y, attn.qkv, attn.num_heads, attn.scale, backend=attn.backend,
+                          fused=attn.fused_qkv)  # (B, M, C)
+        s = mlp_ops.linear_add(o, attn.proj.weight, attn.proj.bias, s)  # s + proj(o)
+        y, s = norm_stream(s, self.norm2, backend=self.backend)
+        mlp = self.mlp
+        return mlp_ops.fused_mlp(y, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                                 residual=s)  # s + mlp(y)

@@ -152,8 +152,10 @@ class MaskedAutoencoderViT(nn.Module):
         """True (default): every block's qkv projection + attention runs
         ``mae_fast.attention.qkv_attention``'s fused backward (no d(qkv) merge), and each residual
         add runs with the LayerNorm after it (``mae_fast.ops.add_layer_norm``: norm2, the next
-        block's norm1, the final norm); False: the plain blocks, for A/B comparisons. Same math
-        either way."""
+        block's norm1, the final norm); with ``MAE_FAST_MLP=gemm`` (where the MLP runs the
+        Triton GEMMs) the blocks' stream form instead: each residual add in the proj / fc2 GEMM
+        epilogue, the LayerNorms without an add (``Block.stream_runs``); False: the plain
+        blocks, for A/B comparisons. Same math either way."""
         self.fused_blocks = bool(fused)
         for blk in list(self.blocks) + list(self.decoder_blocks):
             blk.attn.fused_qkv = bool(fused)
@@ -180,14 +182,18 @@ class MaskedAutoencoderViT(nn.Module):
         last residual add is left pending (``Block.forward_pending``) and runs with the next
         LayerNorm: the next block's norm1, or ``norm`` after the last block. Per block (grad
         checkpointing keeps only each block's input), or with a replaced / hooked block, the
-        blocks run one by one."""
+        blocks run one by one. Where every block runs its stream form (``Block.stream_runs``:
+        MAE_FAST_MLP=gemm, the residual adds in the proj / fc2 GEMM epilogues) nothing is
+        pending: the blocks run one by one and the final norm is a LayerNorm without an add."""
         stack = getattr(self, "fused_blocks", True) and not self.grad_checkpointing and all(
             type(blk) is Block and blk.fused_norm and not (blk._forward_hooks or blk._forward_pre_hooks)
             for blk in blocks)
-        if not stack:
+        if not stack or all(blk.stream_runs(x) for blk in blocks):
+            # (stream blocks: each residual add in a GEMM epilogue, nothing pending; the final
+            # norm without an add)
             for blk in blocks:
                 x = self._block(blk, x)
-            return norm(x)
+            return norm(x) if not stack else ops.add_norm(x, None, norm, backend=self.backend)[1]
         pending = None
         for blk in blocks:
             x, pending = blk.forward_pending(x, pending)

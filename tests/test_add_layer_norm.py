@@ -304,3 +304,107 @@ def test_state_dict_keys_and_info_line():
     from mae_fast.info import report
     text = report("auto")
     assert "add_layer_norm" in text and "LayerNorm" in text
+
+
+# ---- the LayerNorm of the stream without the add (MAE_FAST_MLP=gemm blocks) ----------------------
+
+def _stream_run(fn, s, weight, bias, dy, ds):
+    """y, s' = fn(s) with gradients dy on y and ds on s' (the residual add's gradient) ->
+    [y, ds_total, dweight, dbias]."""
+    leaves = [t.detach().clone().requires_grad_() for t in (s, weight, bias)]
+    norm = nn.LayerNorm(s.shape[-1], eps=1e-6).to(weight.dtype)
+    norm.weight, norm.bias = nn.Parameter(leaves[1]), nn.Parameter(leaves[2])
+    y, s_out = fn(leaves[0], norm)
+    torch.autograd.backward([y, s_out], [dy.to(y.dtype), ds.to(s_out.dtype)])
+    return [y.detach(), leaves[0].grad, norm.weight.grad, norm.bias.grad]
+
+
+def _plain_stream(s, norm):
+    return norm(s), s
+
+
+def _fast_stream(s, norm):
+    return layernorm.norm_stream(s, norm, backend="fast")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_stream_matches_the_plain_layer_norm_and_sums_the_stream_gradient(device, dtype):
+    """y = LayerNorm(s) and the stream passed on: the stream's gradient is dh + LN_bwd(dy) from
+    one backward kernel; 7 rows of width 40 (odd), each output and gradient within twice the
+    plain ops' error against fp64."""
+    with on_device(device):
+        s, _, weight, bias, dy, ds = _inputs(7, 40, dtype, seed=9)
+        got = _stream_run(_fast_stream, s, weight, bias, dy, ds)
+        ref = _stream_run(_plain_stream, s, weight, bias, dy, ds)
+        exact = _stream_run(_plain_stream, *_fp64(s, weight, bias, dy, ds))
+    assert [t.dtype for t in got] == [t.dtype for t in ref]
+    for name, g, r, e in zip(("y", "ds", "dweight", "dbias"), got, ref, exact):
+        _assert_within_twice_reference_error(g, r, e, dtype, name)
+
+
+def test_norm_stream_passes_the_stream_on_without_a_copy_and_in_one_backward_kernel():
+    """The stream output is autograd's view of the input (same memory); the backward is one
+    add_layer_norm_backward with dh (no aten add of the two gradients of s)."""
+    from mae_fast.accounting import TrafficCounter
+    s = torch.randn(2, 3, 40, requires_grad=True)
+    norm = nn.LayerNorm(40)
+    y, s_out = layernorm.norm_stream(s, norm, backend="fast")
+    assert s_out.data_ptr() == s.data_ptr() and s_out._base is not None and s_out.grad_fn is not None
+    grads = [torch.randn_like(y), torch.randn_like(s_out)]
+    with TrafficCounter() as seen:  # every dispatched op
+        torch.autograd.backward([y, s_out], grads)
+    kernels = [n for n in (r.op for r in seen.log) if n.startswith("mae_fast::") or n.split(".")[0] in ("aten::add", "aten::add_")]
+    assert kernels == ["mae_fast::add_layer_norm_backward"], kernels
+    # plain fallbacks pass s itself: a hooked norm, the reference backend
+    hooked = nn.LayerNorm(40)
+    hooked.register_forward_hook(lambda *a: None)
+    assert layernorm.norm_stream(s, hooked, backend="fast")[1] is s
+    assert layernorm.norm_stream(s, norm, backend="reference")[1] is s
+
+
+def _gemm_tiny(monkeypatch):
+    monkeypatch.setenv("MAE_FAST_MLP", "gemm")
+    from mae_fast import backends
+    backends.clear_cache()
+    model = _tiny()
+    assert all(b.stream_runs(torch.empty(1, 1, 32)) for b in model.blocks)
+    return model
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "amp-bf16"])
+def test_stream_blocks_saved_activation_memory_does_not_grow(amp, monkeypatch):
+    """MAE_FAST_MLP=gemm: the stream blocks (adds in the GEMM epilogues, LayerNorms without the
+    add) keep no more for backward than the plain blocks, with the same MLP GEMMs or with the
+    default MLP: each LayerNorm's input and stats, each Linear's input, nothing for the adds."""
+    from mae_fast import backends
+    from mae_fast.train.memory import saved_activation_bytes
+    imgs, noise = _batch("cpu")
+    model = _gemm_tiny(monkeypatch)
+    stream = saved_activation_bytes(model, imgs, 0.5, noise, amp_dtype=amp)
+    model.set_fused_blocks(False)
+    plain_gemm = saved_activation_bytes(model, imgs, 0.5, noise, amp_dtype=amp)
+    monkeypatch.setenv("MAE_FAST_MLP", "plain")
+    backends.clear_cache()
+    plain = saved_activation_bytes(model, imgs, 0.5, noise, amp_dtype=amp)
+    assert stream <= plain_gemm and stream <= plain, (stream, plain_gemm, plain)
+
+
+def test_stream_blocks_bf16_autocast_whole_model_fast_vs_reference(device, monkeypatch):
+    """As test_bf16_autocast_whole_model_fast_vs_reference, with MAE_FAST_MLP=gemm (the stream
+    blocks: residual adds in the proj / fc2 epilogues), grad checkpointing on too (each block
+    recomputed: the stream form runs per block)."""
+    with on_device(device):
+        reference = _tiny("reference").to(device)
+        fast = _gemm_tiny(monkeypatch).to(device)
+        fast.load_state_dict(reference.state_dict())
+        imgs, noise = _batch(device, seed=6)
+        exact = _step(reference, imgs, noise)
+        want = _step(reference, imgs, noise, amp=torch.bfloat16)
+        got = _step(fast, imgs, noise, amp=torch.bfloat16)
+        fast.set_grad_checkpointing(True)
+        checkpointed = _step(fast, imgs, noise, amp=torch.bfloat16)
+    eps = torch.finfo(torch.bfloat16).eps
+    for i, (g, w, e) in enumerate(zip(got, want, exact)):
+        err_fast, err_ref = (g - e).abs().max().item(), (w - e).abs().max().item()
+        assert err_fast <= 2 * err_ref + eps * e.abs().max().item(), (i, err_fast, err_ref)
+    torch.testing.assert_close(checkpointed, got, rtol=1e-5, atol=1e-6)  # fp32 grad sums: order

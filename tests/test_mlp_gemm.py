@@ -278,12 +278,14 @@ def test_info_reports_the_mlp_path(monkeypatch):
     from mae_fast import info
     monkeypatch.delenv("MAE_FAST_MLP", raising=False)
     assert "MAE_FAST_MLP unset or 'plain'" in info.report()
+    assert "block implementation: pending" in info.report()
     monkeypatch.setenv("MAE_FAST_MLP", "gemm")
     text = info.report()
     cuda = text[text.index("on cuda tensors"):]
     line = next(ln for ln in cuda.splitlines() if ln.strip().startswith("mlp"))
     assert "MAE_FAST_MLP=gemm" in line
     assert "MLP GEMM path (opt-in, MAE_FAST_MLP=gemm; GPU speed not measured): gemm" in text
+    assert "block implementation: stream" in text and "mae_fast::linear_residual" in text
     backends.clear_cache()
 
 
@@ -351,6 +353,14 @@ def test_multistep_fp32_trajectory_with_the_option_on(gemm_mode, device):
     for (name, p_ref), p_fast in zip(reference_model.named_parameters(), fast_model.parameters()):
         if "mlp" in name:
             torch.testing.assert_close(p_fast, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    # the stream blocks (residual adds in the proj / fc2 epilogues) move every other weight alike
+    # too, but the k slice of the qkv bias: its gradient is 0 in exact math (softmax ignores a
+    # shift along the keys), so AdamW turns rounding noise into steps (also with the plain blocks)
+    for (name, p_ref), p_fast in zip(reference_model.named_parameters(), fast_model.parameters()):
+        if name.endswith("qkv.bias"):
+            C = p_ref.shape[0] // 3
+            p_ref, p_fast = torch.cat([p_ref[:C], p_ref[2 * C:]]), torch.cat([p_fast[:C], p_fast[2 * C:]])
+        torch.testing.assert_close(p_fast, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_saved_activations_do_not_grow(gemm_mode, monkeypatch):
@@ -375,8 +385,11 @@ def test_saved_activations_do_not_grow(gemm_mode, monkeypatch):
 
 def test_accounting_with_the_option_on(monkeypatch):
     """On meta, a tiny model's step: the same FLOPs as the plain MLP (so still HF's within 1 %),
-    no aten gelu / gelu_backward, 1 launch fewer forward and 3 fewer backward per MLP, and 5
-    fewer backward per qkv projection (3 mm + 3 sum -> one weight-gradient launch)."""
+    no aten gelu / gelu_backward, 1 launch fewer forward and 3 fewer backward per MLP, 5 fewer
+    backward per qkv projection (3 mm + 3 sum -> one weight-gradient launch); the stream blocks
+    (residual adds in the GEMM epilogues) 1 fewer backward per block (the proj's bias sum in its
+    weight-grad kernel) and per stack (the first norm1's input gradient: the residual's and the
+    LayerNorm's summed in the LayerNorm backward, no aten add)."""
     def counted(mode):
         monkeypatch.setenv("MAE_FAST_MLP", mode)
         mae = accounting.build_meta_model(lambda backend: MaskedAutoencoderViT(**TINY, backend=backend),
@@ -390,7 +403,8 @@ def test_accounting_with_the_option_on(monkeypatch):
     assert "aten::gelu" not in ops and "aten::gelu_backward" not in ops
     assert set(accounting.MLP_GEMM_OPS) <= ops
     assert plain.total(phases=("fwd",)).ops - gemm.total(phases=("fwd",)).ops == blocks
-    assert plain.total(phases=("bwd",)).ops - gemm.total(phases=("bwd",)).ops == (3 + 5) * blocks
+    assert plain.total(phases=("bwd",)).ops - gemm.total(phases=("bwd",)).ops == (3 + 5) * blocks + blocks + 2
+    assert not [r.op for r in gemm.log if r.op.split(".")[0] in ("aten::add", "aten::add_")]
     assert gemm.total().bytes < plain.total().bytes
     backends.clear_cache()
 
@@ -470,8 +484,221 @@ def test_every_mlp_width_and_dtype_is_in_the_aot_launches():
             keys.setdefault(label, set()).add(
                 (name, repr([tool._specialisation(a) for a in args]), repr(sorted(kwargs.items()))))
     assert all(len(v) == 1 for v in keys.values()), keys  # every width: the same variant
-    assert len(keys) == 3 * 4  # 3 dtypes x (fc1 + GELU, dgrad * GELU', wgrad + bias, qkv's 3-part wgrad)
+    # 3 dtypes x (fc1 + GELU, dgrad * GELU', wgrad + bias, qkv's 3-part wgrad, residual) + 2
+    # residuals on an fp32 stream (bf16 / fp16 autocast)
+    assert len(keys) == 3 * 5 + 2
     labels = [label for label, *_ in tool.launches()]
     assert set(keys) <= set(labels)
     assert {name for _, _, name, *_ in tool.launches() if name.startswith("_mlp") or name.startswith("_linear")} \
         == {n for n in dir(mlp_gemm) if n.startswith("_") and n.endswith("_kernel")}
+
+
+# ---- the residual epilogue (the blocks' ``s = s + proj(o)`` / ``s = s + fc2(act)``) ------------
+
+def _residual_pair(fn, leaves, grad_out):
+    """[out, grad of every leaf] of ``fn(*leaves)`` and the leaves' grads (fresh leaves)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("dtype, stream", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float16, torch.float16), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16", "fp16", "bf16+fp32-stream"])
+def test_linear_residual_matches_the_plain_linear_and_add(dtype, stream, device):
+    """out = residual + F.linear(a, W, b) on odd shapes (37 rows, 20 -> 24), forward and every
+    gradient: fp32 equal to the plain ops within summation-order noise, bf16 / fp16 within
+    twice the plain ops' error against float64; the output dtype is the plain add's promotion."""
+    M, K, N = 37, 20, 24
+    a, w, b = torch.randn(M, K).to(dtype), (torch.randn(N, K) * 0.2).to(dtype), torch.randn(N).to(dtype)
+    res, grad_out = torch.randn(M, N).to(stream), torch.randn(M, N)
+    got = _residual_pair(mlp_ops.linear_residual, (a, w, b, res), grad_out)
+    plain = lambda a, w, b, r: r + nn.functional.linear(a, w, b)  # noqa: E731
+    want = _residual_pair(plain, (a, w, b, res), grad_out)
+    exact = _residual_pair(plain, [t.double() for t in (a, w, b, res)], grad_out.double())
+    assert [g.dtype for g in got] == [w_.dtype for w_ in want]
+    assert got[0].dtype == torch.promote_types(dtype, stream)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    else:
+        names = ("out", "a", "W", "b", "residual")
+        for name, g, w_, e in zip(names, got, want, exact):
+            err_fast, err_torch = (g.double() - e).abs().max().item(), (w_.double() - e).abs().max().item()
+            floor = torch.finfo(dtype).eps * max(1.0, e.abs().max().item())
+            assert err_fast <= 2 * err_torch + floor, f"{name}: {err_fast} > 2 * {err_torch} + {floor}"
+
+
+def test_linear_residual_passes_the_stream_gradient_through_without_a_copy(device):
+    """d residual is the incoming gradient itself (no copy, no kernel)."""
+    a, w, b = torch.randn(5, 6, requires_grad=True), torch.randn(7, 6), torch.randn(7)
+    res = torch.randn(5, 7, requires_grad=True)
+    grad_out = torch.randn(5, 7)
+    (grad_res,) = torch.autograd.grad(mlp_ops.linear_residual(a, w, b, res), (res,), grad_out)
+    assert grad_res.data_ptr() == grad_out.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mlp_with_residual_matches_the_plain_mlp_and_add(dtype, monkeypatch, device):
+    """fused_mlp(..., residual=s) (the add in fc2's epilogue) against s + Mlp(x) with the plain
+    module, forward and every gradient (x, s, fc1/fc2 weight and bias), 131 odd rows."""
+    mlp = _mlp(24, 40, 20, dtype)
+    x, s, grad = torch.randn(131, 24).to(dtype), torch.randn(131, 20).to(dtype), torch.randn(131, 20)
+    params = [mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+
+    def run(module, fn, x, s, grad):
+        module.zero_grad(set_to_none=True)
+        x, s = x.detach().requires_grad_(), s.detach().requires_grad_()
+        y = fn(module, x, s)
+        y.backward(grad.to(y.dtype))
+        return [y.detach(), x.grad, s.grad] + [p.grad for p in (module.fc1.weight, module.fc1.bias,
+                                                               module.fc2.weight, module.fc2.bias)]
+
+    fused = lambda m, x, s: mlp_ops.fused_mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias,  # noqa: E731
+                                              residual=s)
+    monkeypatch.setenv("MAE_FAST_MLP", "plain")
+    plain = lambda m, x, s: s + m(x)  # noqa: E731
+    got, want = run(mlp, fused, x, s, grad), run(mlp, plain, x, s, grad)
+    assert len(params) == 4 and [g.dtype for g in got] == [w.dtype for w in want]
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        return
+    exact = run(copy.deepcopy(mlp).double(), plain, x.double(), s.double(), grad.double())
+    for i, (g, w, e) in enumerate(zip(got, want, exact)):
+        err_fast, err_torch = (g.double() - e).abs().max().item(), (w.double() - e).abs().max().item()
+        floor = torch.finfo(dtype).eps * max(1.0, e.abs().max().item())
+        assert err_fast <= 2 * err_torch + floor, f"output {i}: {err_fast} > 2 * {err_torch} + {floor}"
+
+
+def test_residual_ops_opcheck_and_meta(device):
+    a, w, b = torch.randn(5, 6, requires_grad=True), torch.randn(7, 6, requires_grad=True), torch.randn(7)
+    res = torch.randn(5, 7, requires_grad=True)
+    torch.library.opcheck(mlp_ops.linear_residual, (a, w, b, res))
+    torch.library.opcheck(mlp_ops.linear_residual, (a.bfloat16(), w.bfloat16(), None, res))
+    x, w1, b1 = torch.randn(5, 6), torch.randn(8, 6), torch.randn(8)
+    pre, act = (t.detach().requires_grad_() for t in mlp_ops.mlp_fc1_gelu(x, w1, b1))
+    w2 = torch.randn(7, 8, requires_grad=True)
+    torch.library.opcheck(mlp_ops.mlp_fc2, (act, pre, w2, b.requires_grad_(), res))
+    m = lambda *s, dt=torch.bfloat16: torch.empty(*s, device="meta", dtype=dt)  # noqa: E731
+    out = torch.ops.mae_fast.linear_residual(m(6, 8), m(4, 8), None, m(6, 4, dt=torch.float32))
+    assert out.shape == (6, 4) and out.dtype == torch.float32
+    assert torch.ops.mae_fast.mlp_fc2(m(6, 16), m(6, 16), m(4, 16), None, m(6, 4)).dtype == torch.bfloat16
+
+
+def test_residual_ops_torch_compile_fullgraph(gemm_mode, device):
+    """linear_add and fused_mlp with a residual trace into one graph, forward and backward."""
+    mlp = _mlp(8, 12, 8, torch.float32)
+    proj = nn.Linear(8, 8)
+
+    def f(o, s, x):
+        s = mlp_ops.linear_add(o, proj.weight, proj.bias, s)
+        return mlp_ops.fused_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, residual=s)
+
+    inputs = [torch.randn(2, 3, 8) for _ in range(3)]
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        mlp.zero_grad(set_to_none=True)
+        proj.zero_grad(set_to_none=True)
+        fn(*leaves).sum().backward()
+        return [t.grad for t in leaves] + [p.grad for p in list(mlp.parameters()) + list(proj.parameters())]
+
+    torch.testing.assert_close(run(torch.compile(f, fullgraph=True, backend="aot_eager")), run(f))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_residual_charges_equal_what_the_kernels_load_and_store(dtype):
+    """KERNEL_CHARGES of linear_residual and of mlp_fc2 with a residual against the
+    interpreter's count of _mlp_gemm_kernel's residual epilogue (it also reads the residual)."""
+    from test_accounting_kernels import assert_charge_is_real
+    M, K, N = 19, 10, 24
+    a, w, b = torch.randn(M, K).to(dtype), torch.randn(N, K).to(dtype), torch.randn(N).to(dtype)
+    for res in (torch.randn(M, N).to(dtype), torch.randn(M, N)):
+        assert_charge_is_real(mlp_ops.linear_residual, a, w, b, res, kernels=["_mlp_gemm_kernel"])
+        assert_charge_is_real(mlp_ops.linear_residual, a, w, None, res, kernels=["_mlp_gemm_kernel"])
+        assert_charge_is_real(mlp_ops.mlp_fc2, a, a, w, b, res, kernels=["_mlp_gemm_kernel"])
+
+
+def test_stream_blocks_run_the_residual_epilogues_and_match_the_plain_blocks(gemm_mode, device):
+    """fp32, MAE_FAST_MLP=gemm: every block runs its stream form (the adds in the proj / fc2
+    epilogues, no aten add anywhere in the step, forward or backward), and the step equals
+    set_fused_blocks(False) (the plain blocks, same MLP GEMMs)."""
+    _, fast = _model_pair()
+    x = torch.empty(1, 2, 32)
+    assert all(b.stream_runs(x) for b in list(fast.blocks) + list(fast.decoder_blocks))
+    imgs, noise = torch.randn(2, 3, 8, 12), torch.rand(2, 6)
+    with accounting.TrafficCounter() as seen:  # every dispatched op, forward and backward
+        got = _model_run(fast, imgs, noise)
+    names = [r.op for r in seen.log]
+    blocks = TINY["depth"] + TINY["decoder_depth"]
+    assert names.count("mae_fast::linear_residual") == blocks
+    assert names.count("mae_fast::mlp_fc2") == blocks
+    adds = [n for n in names if n.split(".")[0] in ("aten::add", "aten::add_")]
+    assert not adds, f"a residual add ran outside a GEMM: {adds}"
+    fast.set_fused_blocks(False)
+    assert not any(b.stream_runs(x) for b in fast.blocks)
+    want = _model_run(fast, imgs, noise)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_model_compiles_fullgraph_with_the_option_on(gemm_mode, device):
+    """torch.compile(fullgraph=True) of the model with MAE_FAST_MLP=gemm: under tracing the blocks
+    take the pending form (the stream form's autograd function is eager-only), and the compiled
+    step equals the eager one (stream blocks)."""
+    _, fast = _model_pair()
+    imgs, noise = torch.randn(2, 3, 8, 12), torch.rand(2, 6)
+    eager = _model_run(fast, imgs, noise)
+    compiled = _model_run(torch.compile(fast, fullgraph=True, backend="aot_eager"), imgs, noise)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_stream_form_only_for_the_plain_block_structure(gemm_mode):
+    """A hooked attention, an active proj dropout, a proj in another dtype than the MLP, or a
+    hooked / non-Triton MLP keep the pending form (the plain ops where they must run as given)."""
+    from mae_fast.layers import Block
+    x = torch.randn(2, 3, 8)
+
+    def block():
+        blk = Block(8, 2, mlp_ratio=2.0, qkv_bias=True)
+        blk.backend = blk.mlp.backend = "fast"
+        return blk
+
+    assert block().stream_runs(x)
+    hooked, drop, half, tanh = block(), block(), block(), block()
+    hooked.attn.register_forward_hook(lambda *a: None)
+    drop.attn.proj_drop.p = 0.1
+    half.attn.proj.to(torch.bfloat16)
+    tanh.mlp.act = nn.GELU(approximate="tanh")
+    for blk in (hooked, drop, half, tanh):
+        assert not blk.stream_runs(x)
+    drop.eval()
+    assert drop.stream_runs(x)
+    blk = block()
+    stream = blk(x)  # the single block's forward runs the stream form too
+    blk.fused_norm = False
+    assert not blk.stream_runs(x)
+    torch.testing.assert_close(stream, blk(x), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_add_under_autocast_casts_as_linear_and_not_the_add(device):
+    """linear_add under bf16 autocast: x, W, b cast as aten linear casts them, the fp32 stream
+    not (the add is on no autocast list): out fp32, grads in the leaves' dtypes, as the plain
+    ``s + F.linear(x, W, b)`` under the same autocast, within twice its error against fp64."""
+    x, w, b, s = torch.randn(2, 5, 12), torch.randn(8, 12) * 0.3, torch.randn(8), torch.randn(2, 5, 8)
+    grad = torch.randn(2, 5, 8)
+
+    def run(fn, *leaves, amp=True):
+        leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        with torch.autocast(leaves[0].device.type, dtype=torch.bfloat16, enabled=amp):
+            out = fn(*leaves)
+        out.backward(grad.to(out.dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    plain = lambda x, w, b, s: s + nn.functional.linear(x, w, b)  # noqa: E731
+    got, want = run(mlp_ops.linear_add, x, w, b, s), run(plain, x, w, b, s)
+    exact = run(plain, x.double(), w.double(), b.double(), s.double(), amp=False)
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.float32] * 5
+    for i, (g, w_, e) in enumerate(zip(got, want, exact)):
+        err_fast, err_torch = (g.double() - e).abs().max().item(), (w_.double() - e).abs().max().item()
+        floor = torch.finfo(torch.bfloat16).eps * max(1.0, e.abs().max().item())
+        assert err_fast <= 2 * err_torch + floor, f"output {i}: {err_fast} > 2 * {err_torch} + {floor}"

@@ -295,7 +295,8 @@ def mlp_calls():
     """Every launch of kernels/mlp_gemm.py at every MLP width, in bf16, fp16 (autocast or pure
     low precision) and fp32: fc1 + GELU (forward), fc2's grad-input GEMM with GELU', and the
     weight-gradient GEMM with the bias sums (fc2's: G = dy, X = act; fc1's: G = d(pre), X = x;
-    the qkv projection's: G = dq | dk | dv, three column parts, X = x).
+    the qkv projection's: G = dq | dk | dv, three column parts, X = x), and the residual epilogue
+    of fc2 and of the attention proj (MAE_FAST_MLP=gemm blocks).
     The widths are all multiples of 16, so they specialise alike and `launches` keeps the first
     of each (tests/test_mlp_gemm.py checks this)."""
     import torch
@@ -318,6 +319,18 @@ def mlp_calls():
                  lambda x=x: mlp_gemm.linear_weight_grad(torch.empty_like(x), x, torch.empty_like(x),
                                                          torch.empty_like(x))),
             ]
+            # the residual epilogue (MAE_FAST_MLP=gemm blocks): fc2 (act (M, H) -> (M, C)) and the
+            # attention proj ((M, C) -> (M, C)), the stream in the GEMM's dtype, and (autocast)
+            # an fp32 stream with a bf16 / fp16 GEMM
+            streams = ((dtype, tag),) + (((torch.float32, f"{tag}+fp32 stream"),) if dtype != torch.float32 else ())
+            for stream, label in streams:
+                res = torch.empty(M, C, dtype=stream, device=meta)
+                calls += [
+                    (f"mlp residual {label}", mlp_gemm,
+                     lambda pre=pre, w2=w2, b=t(C), res=res: mlp_gemm.linear_residual(pre, w2, b, res)),
+                    (f"mlp residual {label}", mlp_gemm,
+                     lambda x=x, w=t(C, C), b=t(C), res=res: mlp_gemm.linear_residual(x, w, b, res)),
+                ]
     return calls
 
 

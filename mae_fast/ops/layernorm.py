@@ -23,6 +23,17 @@ too), weight, and the fp32 mean / rstd (R floats each, as aten's): the same tens
 path saves, so peak activation memory does not grow (tests/test_add_layer_norm.py checks it
 with ``saved_activation_bytes``).
 
+The LayerNorm of the residual stream without the add (``norm_stream``, used when the add runs
+in the proj / fc2 GEMM epilogues, MAE_FAST_MLP=gemm): ``y, s = norm_stream(s, norm)`` returns
+LayerNorm(s) and s itself, passed through an autograd function (``_NormStream``) so that the
+residual epilogue after it consumes that alias: the stream's two gradients (from the LayerNorm
+and from the residual add) meet in that function's backward, which is
+``add_layer_norm_backward(dy, dh=d(stream), h=s)``: dsum = dh + LN_bwd(dy) in one kernel, no
+autograd add of the two. The alias is a view of s made by autograd (no copy). Forward:
+``mae_fast::add_layer_norm`` without a branch (reads s, writes y and the fp32 mean / rstd);
+saved for backward: s (the LayerNorm's input, as autograd's ``native_layer_norm`` saves),
+weight, mean, rstd.
+
 Explicit fallback to the reference: dtypes other than fp32 / bf16 / fp16, widths above
 ``MAX_WIDTH``, no affine weight or bias, a branch that broadcasts, a weight dtype the plain
 ``F.layer_norm`` would not mix with h's. ``backend="fast"`` raises on those instead, and
@@ -173,16 +184,13 @@ def _unsupported(x, branch, weight, bias, autocast_fp32: bool) -> str:
 _warned = set()
 
 
-def add_layer_norm(x, branch, weight, bias, eps: float, *, backend="auto"):
-    """x (..., D); branch like x or None; weight, bias (D,) -> (h = x + branch (x itself when
-    branch is None), y = LayerNorm(h)), as ``reference_add_layer_norm``."""
-    choice = choose(OP, x.device, backend)
-    if choice.impl == "reference":
-        return reference_add_layer_norm(x, branch, weight, bias, eps)
+def _kernel_y_dtype(x, branch, weight, bias, backend):
+    """The dtype of y when the Triton kernel takes these inputs, else None (the reference
+    runs): backend="fast" raises where it cannot run, "auto" warns once per reason on CUDA."""
+    if choose(OP, x.device, backend).impl == "reference":
+        return None
     check_same_device(x=x, branch=branch, weight=weight, bias=bias)
     autocast_fp32 = _autocast_layer_norm_fp32(x.device.type)
-    h_dtype = torch.promote_types(x.dtype, branch.dtype) if branch is not None else x.dtype
-    y_dtype = torch.float32 if autocast_fp32 else h_dtype
     why = _unsupported(x, branch, weight, bias, autocast_fp32)
     if why:
         if backend == "fast":
@@ -190,7 +198,17 @@ def add_layer_norm(x, branch, weight, bias, eps: float, *, backend="auto"):
         if why not in _warned and x.device.type == "cuda":
             _warned.add(why)
             warnings.warn(f"mae_fast: {OP} runs the reference (plain add + F.layer_norm) for {why}",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
+        return None
+    h_dtype = torch.promote_types(x.dtype, branch.dtype) if branch is not None else x.dtype
+    return torch.float32 if autocast_fp32 else h_dtype
+
+
+def add_layer_norm(x, branch, weight, bias, eps: float, *, backend="auto"):
+    """x (..., D); branch like x or None; weight, bias (D,) -> (h = x + branch (x itself when
+    branch is None), y = LayerNorm(h)), as ``reference_add_layer_norm``."""
+    y_dtype = _kernel_y_dtype(x, branch, weight, bias, backend)
+    if y_dtype is None:
         return reference_add_layer_norm(x, branch, weight, bias, eps)
     D = x.shape[-1]
     rows = x.reshape(-1, D).contiguous()
@@ -200,13 +218,58 @@ def add_layer_norm(x, branch, weight, bias, eps: float, *, backend="auto"):
     return h, y.view(x.shape)
 
 
+class _NormStream(torch.autograd.Function):
+    """(rows (R, D), weight, bias, eps, y_dtype) -> (y (R, D), rows passed through)."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, eps: float, y_dtype):
+        _h, y, mean, rstd = add_layer_norm_op(rows, None, weight, bias, eps, y_dtype)
+        ctx.save_for_backward(rows, weight, mean, rstd)
+        ctx.set_materialize_grads(False)
+        return y, rows  # rows: autograd returns a view of the input (its own grad_fn), no copy
+
+    @staticmethod
+    def backward(ctx, dy, dstream):
+        rows, weight, mean, rstd = ctx.saved_tensors
+        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if dy is None:  # y unused: the stream's gradient only
+            return dstream, None, None, None, None
+        dsum, dweight, dbias = add_layer_norm_backward(
+            dy.contiguous(), dstream.to(rows.dtype).contiguous() if dstream is not None else None,
+            rows, weight, mean, rstd)
+        return (dsum if need_rows else None, dweight if need_weight else None,
+                dbias if need_bias else None, None, None)
+
+
+def _is_plain_layer_norm(norm: nn.Module) -> bool:
+    """An ``nn.LayerNorm`` over the last dim without hooks (what the kernels compute)."""
+    return (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+            and not (norm._forward_hooks or norm._forward_pre_hooks))
+
+
+def norm_stream(s, norm: nn.Module, *, fused: bool = True, backend="auto"):
+    """The residual stream s (..., D) -> (norm(s), s'), where s' is s for the residual add
+    after it (a GEMM epilogue): with ``fused``, a plain ``nn.LayerNorm`` over the last dim
+    without hooks, the kernel's inputs and not under torch.compile, s' is ``_NormStream``'s
+    alias of s (the two gradients of s summed in the LayerNorm backward's kernel); otherwise
+    s' is s and ``norm`` runs as given (autograd sums the two gradients)."""
+    plain_layer_norm = _is_plain_layer_norm(norm)
+    if not (fused and plain_layer_norm and s.is_contiguous()) or torch.compiler.is_compiling():
+        return norm(s), s
+    y_dtype = _kernel_y_dtype(s, None, norm.weight, norm.bias, backend)
+    if y_dtype is None:
+        return norm(s), s
+    D = s.shape[-1]
+    y, rows = _NormStream.apply(s.view(-1, D), norm.weight, norm.bias, float(norm.eps), y_dtype)
+    return y.view(s.shape), rows.view(s.shape)
+
+
 def add_norm(x, branch, norm: nn.Module, *, fused: bool = True, backend="auto"):
     """``h = x + branch`` (x when branch is None) and ``norm(h)`` -> (h, norm(h)): through
     ``add_layer_norm`` when ``fused`` and ``norm`` is a plain ``nn.LayerNorm`` over the last dim
     without hooks; otherwise the plain ops, calling ``norm`` itself (a replaced or hooked norm
     runs as given)."""
-    plain_layer_norm = (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
-                        and not (norm._forward_hooks or norm._forward_pre_hooks))
+    plain_layer_norm = _is_plain_layer_norm(norm)
     if fused and plain_layer_norm:
         return add_layer_norm(x, branch, norm.weight, norm.bias, norm.eps, backend=backend)
     h = x if branch is None else x + branch

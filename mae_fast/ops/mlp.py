@@ -4,7 +4,7 @@ Opt-in: ``MAE_FAST_MLP=gemm`` (default ``plain``: cuBLAS ``nn.Linear`` + ``nn.GE
 GEMM can lose to cuBLAS in ways byte counts cannot see, so this stays off until a GPU says
 otherwise (docs/PERFORMANCE.md, "1d. MLP GEMM epilogues").
 
-Four torch ops (``torch.library.custom_op`` + ``register_fake``; the two forward ops with
+Five torch ops (``torch.library.custom_op`` + ``register_fake``; the three forward ops with
 ``register_autograd``), on x (M, C) -> hidden (M, H) -> y (M, C_out):
   ``mae_fast::mlp_fc1_gelu``      x, W1, b1 -> (pre, act): one Triton GEMM whose epilogue adds
                                   b1 and applies exact erf GELU in fp32; it stores ``pre``
@@ -12,16 +12,26 @@ Four torch ops (``torch.library.custom_op`` + ``register_fake``; the two forward
   ``mae_fast::mlp_fc2``           act, pre, W2, b2 -> y = act W2^T + b2 (cuBLAS, ``F.linear``).
                                   ``act`` is GELU(pre), fc1's cached output: the backward
                                   differentiates through the GELU and returns d(pre), not d(act);
+                                  with a residual s (the blocks' stream form): y = s + (act W2^T
+                                  + b2), the add in the Triton GEMM's epilogue (as
+                                  linear_residual), and the backward returns dy for s as is;
   ``mae_fast::mlp_fc2_gelu_grad`` dy, W2, pre -> d(pre) = (dy @ W2) * GELU'(pre): one Triton GEMM
                                   with GELU' in its epilogue (d(act) is never written);
   ``mae_fast::linear_weight_grad`` G, X -> (dW = G^T X, db = column sums of G): one Triton
                                   kernel, the bias gradient accumulated from the G tiles the
-                                  weight-gradient GEMM already loads (used for fc2 and fc1).
+                                  weight-gradient GEMM already loads (fc2, fc1, the proj of linear_residual).
                                   G may be given as up to 3 column parts (``grad_out_1``,
                                   ``grad_out_2``), each read where it lies: the qkv projection's
                                   backward (``mae_fast.attention._QKVAttention``) passes dq, dk,
                                   dv and gets dW (3C, C) and db (3C,) from one launch (the
                                   default, MAE_FAST_MLP=plain, runs 3 mm + 3 sum there).
+  ``mae_fast::linear_residual``   a, W, b, s -> s + (a W^T + b): the attention proj of the
+                                  blocks' stream form, one Triton GEMM whose epilogue rounds the
+                                  branch to a's dtype, adds s in fp32 and rounds once (the plain
+                                  ``s + F.linear(a, W, b)``'s two roundings). Backward: ds = dout
+                                  (passed through, no copy), da = dout @ W (``torch.mm``), dW and
+                                  db from ``linear_weight_grad``. Saves a and W (what the plain
+                                  linear saves; the plain add saves nothing).
 dx = d(pre) @ W1 stays ``torch.mm``.
 
 Saved for backward (vs autograd's plain path): x, W1, pre, act, W2, exactly what the plain
@@ -114,16 +124,44 @@ def _(x, weight, bias):
 
 @torch.library.custom_op("mae_fast::mlp_fc2", mutates_args=())
 def mlp_fc2(act: torch.Tensor, pre: torch.Tensor, weight: torch.Tensor,
-            bias: Optional[torch.Tensor]) -> torch.Tensor:
+            bias: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = act W^T + b (M, C_out), ``F.linear`` (cuBLAS on CUDA), where act = GELU(pre) are
     mlp_fc1_gelu's two outputs. The backward differentiates through the GELU: it returns
-    d(pre) = (dy @ W) * GELU'(pre) and no gradient for act (a cached value of GELU(pre))."""
-    return F.linear(act, weight, bias)
+    d(pre) = (dy @ W) * GELU'(pre) and no gradient for act (a cached value of GELU(pre)).
+    With a residual (M, C_out): y = residual + (act W^T + b), the add in the Triton GEMM's
+    epilogue (see ``linear_residual``), y in promote(act's dtype, residual's)."""
+    if residual is None:
+        return F.linear(act, weight, bias)
+    return _linear_residual_body(act, weight, bias, residual)
 
 
 @mlp_fc2.register_fake
-def _(act, pre, weight, bias):
-    return act.new_empty((act.shape[0], weight.shape[0]))
+def _(act, pre, weight, bias, residual=None):
+    dtype = act.dtype if residual is None else torch.promote_types(act.dtype, residual.dtype)
+    return act.new_empty((act.shape[0], weight.shape[0]), dtype=dtype)
+
+
+def _linear_residual_body(a, weight, bias, residual):
+    if _triton_runs(a.device):
+        from ..kernels import mlp_gemm
+        return mlp_gemm.linear_residual(a, weight, bias,
+                                        residual if residual.stride(-1) == 1 else residual.contiguous())
+    return residual + F.linear(a, weight, bias)
+
+
+@torch.library.custom_op("mae_fast::linear_residual", mutates_args=())
+def linear_residual(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    residual: torch.Tensor) -> torch.Tensor:
+    """a (M, K), weight (N, K), bias (N,) or None, one dtype; residual (M, N) -> out =
+    residual + (a W^T + b) (M, N) in promote(a's dtype, residual's): one Triton GEMM whose
+    epilogue rounds the branch to a's dtype (``F.linear``'s result), then adds the residual in
+    fp32 and rounds once (the plain ``residual + branch``)."""
+    return _linear_residual_body(a, weight, bias, residual)
+
+
+@linear_residual.register_fake
+def _(a, weight, bias, residual):
+    return a.new_empty((a.shape[0], weight.shape[0]), dtype=torch.promote_types(a.dtype, residual.dtype))
 
 
 @torch.library.custom_op("mae_fast::mlp_fc2_gelu_grad", mutates_args=())
@@ -204,22 +242,50 @@ mlp_fc1_gelu.register_autograd(_fc1_backward, setup_context=_fc1_setup)
 
 
 def _fc2_setup(ctx, inputs, output):
-    act, pre, weight, bias = inputs
+    act, pre, weight, bias = inputs[:4]
     ctx.save_for_backward(act, pre, weight)
     ctx.has_bias = bias is not None
 
 
 def _fc2_backward(ctx, grad_y):
+    """With a residual, grad_y is also the residual's gradient (passed through, no copy); the
+    branch's gradient is grad_y in act's dtype (autograd's cast at the plain add)."""
     act, pre, weight = ctx.saved_tensors
-    _, want_pre, want_w, want_b = ctx.needs_input_grad
-    grad_pre = mlp_fc2_gelu_grad(grad_y, weight, pre) if want_pre else None
+    _, want_pre, want_w, want_b = ctx.needs_input_grad[:4]
+    want_res = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]
+    grad_branch = grad_y.to(act.dtype)
+    grad_pre = mlp_fc2_gelu_grad(grad_branch, weight, pre) if want_pre else None
     grad_w = grad_b = None
     if want_w or (want_b and ctx.has_bias):
-        grad_w, grad_b = linear_weight_grad(grad_y, act)
-    return None, grad_pre, grad_w if want_w else None, grad_b if want_b and ctx.has_bias else None
+        grad_w, grad_b = linear_weight_grad(grad_branch, act)
+    return (None, grad_pre, grad_w if want_w else None, grad_b if want_b and ctx.has_bias else None,
+            grad_y if want_res else None)
 
 
 mlp_fc2.register_autograd(_fc2_backward, setup_context=_fc2_setup)
+
+
+def _linear_residual_setup(ctx, inputs, output):
+    a, weight, bias, _residual = inputs
+    ctx.save_for_backward(a, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_residual_backward(ctx, grad_out):
+    """d residual = grad_out (passed through, no copy); the branch's gradient g = grad_out in
+    a's dtype: d a = g @ W (torch.mm), (dW, db) = linear_weight_grad(g, a)."""
+    a, weight = ctx.saved_tensors
+    want_a, want_w, want_b, want_res = ctx.needs_input_grad
+    grad_branch = grad_out.to(a.dtype)
+    grad_a = torch.mm(grad_branch, weight) if want_a else None
+    grad_w = grad_b = None
+    if want_w or (want_b and ctx.has_bias):
+        grad_w, grad_b = linear_weight_grad(grad_branch, a)
+    return (grad_a, grad_w if want_w else None, grad_b if want_b and ctx.has_bias else None,
+            grad_out if want_res else None)
+
+
+linear_residual.register_autograd(_linear_residual_backward, setup_context=_linear_residual_setup)
 
 
 # ---- the public op -----------------------------------------------------------------------------
@@ -251,8 +317,10 @@ def fused_mlp_runs(mlp, x, backend: str = "auto") -> bool:
     return len(dtypes) == 1 or attention._autocast_dtype(x.device.type) is not None
 
 
-def fused_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-    """x (..., C) -> fc2(GELU(fc1(x))) (..., C_out) through the four ops above."""
+def fused_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None):
+    """x (..., C) -> fc2(GELU(fc1(x))) (..., C_out) through the four ops above; with a
+    ``residual`` (..., C_out) -> residual + fc2(GELU(fc1(x))), the add in fc2's epilogue (the
+    residual is not cast under autocast: the add is on no autocast list)."""
     C = x.shape[-1]
     if fc1_weight.shape[1] != C or fc2_weight.shape[1] != fc1_weight.shape[0]:
         raise ValueError(f"MLP shapes do not chain: x (..., {C}), fc1 {tuple(fc1_weight.shape)}, "
@@ -264,5 +332,32 @@ def fused_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = tensors
     with attention._autocast_off(x.device.type):
         pre, act = mlp_fc1_gelu(x.reshape(-1, C), fc1_weight, fc1_bias)  # (M, H) each
-        y = mlp_fc2(act, pre, fc2_weight, fc2_bias)  # (M, C_out)
+        if residual is None:
+            y = mlp_fc2(act, pre, fc2_weight, fc2_bias)  # (M, C_out)
+        else:
+            y = mlp_fc2(act, pre, fc2_weight, fc2_bias, _rows(residual, x, fc2_weight.shape[0]))
     return y.view(*x.shape[:-1], fc2_weight.shape[0])
+
+
+def _rows(residual, x, n_out: int):
+    """The residual (..., n_out) of x (..., K) as (M, n_out) rows with unit column stride."""
+    if residual.shape != (*x.shape[:-1], n_out):
+        raise ValueError(f"residual {tuple(residual.shape)} does not match the branch "
+                         f"{(*x.shape[:-1], n_out)}")
+    return residual.reshape(-1, n_out)
+
+
+def linear_add(x, weight, bias, residual):
+    """residual + F.linear(x, weight, bias), x (..., K), residual (..., N) -> (..., N) through
+    ``mae_fast::linear_residual`` (the add in the Triton GEMM's epilogue); under autocast x,
+    weight and bias are cast as aten ``linear`` casts them, the residual is not."""
+    K, N = x.shape[-1], weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"x (..., {K}) does not match weight {tuple(weight.shape)}")
+    dtype = attention._autocast_dtype(x.device.type)
+    if dtype is not None:
+        x, weight, bias = (t.to(dtype) if t is not None and t.dtype != torch.float64 else t
+                           for t in (x, weight, bias))
+    with attention._autocast_off(x.device.type):
+        out = linear_residual(x.reshape(-1, K), weight, bias, _rows(residual, x, N))  # (M, N)
+    return out.view(*x.shape[:-1], N)
