@@ -150,7 +150,7 @@ class Block(nn.Module):
         y, s = norm_stream(s, self.norm1, backend=self.backend)
         attn = self.attn
         o = qkv_attention(y, attn.qkv, attn.num_heads, attn.scale, backend=attn.backend,
-                          fused=attn.fused_qkv)  # (B, M, C)
+                          fused=attn.fused_qkv, gemm_backend=attn.gemm_backend)  # (B, M, C)
         s = mlp_ops.linear_add(o, attn.proj.weight, attn.proj.bias, s)  # s + proj(o)
         y, s = norm_stream(s, self.norm2, backend=self.backend)
         mlp = self.mlp
