@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
     ap.add_argument("--official-mae", default=None, help="path to a clone of facebookresearch/mae")
-    ap.add_argument("--contenders", nargs="+", default=list(mc.CONTENDERS), choices=mc.CONTENDERS)
+    ap.add_argument("--contenders", nargs="+", default=list(mc.CONTENDERS), choices=mc.CONTENDERS + mc.OPTIONAL_CONTENDERS)
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)

@@ -3,6 +3,10 @@
 
   * ``mae_fast``            - mae_fast.MaskedAutoencoderViT, backend="auto";
   * ``mae_fast-reference``  - the same model, backend="reference" (the official op sequence);
+  * ``mae_fast-gemm``       - the same model with ``MAE_FAST_MLP=gemm`` (the opt-in Triton GEMM
+                              path: MLP epilogues, qkv dW + db in one launch, residual adds in the
+                              proj / fc2 epilogues); not in CONTENDERS (asked for by name, e.g.
+                              by tools/gpu_check.py), set and restored around its own steps;
   * ``hf-vitmae``           - transformers' ViTMAEForPreTraining with the same sizes (if installed);
   * ``official-timm``       - facebookresearch/mae models_mae.py from a local clone
                               (``--official-mae``), on the installed timm's Block (timm >= 0.9
@@ -33,6 +37,7 @@ SIZES = {
                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0),
 }
 CONTENDERS = ("mae_fast", "mae_fast-reference", "hf-vitmae", "official-timm", "official-math")
+OPTIONAL_CONTENDERS = ("mae_fast-gemm",)  # built when asked for by name
 MASK_RATIO = 0.75
 
 
@@ -95,8 +100,14 @@ def build_mae_fast(size, imgs) -> Dict[str, Contender]:
     model = model.to(device=imgs.device, dtype=imgs.dtype)
     step = _make_step(model, lambda x: model(x, mask_ratio=MASK_RATIO)[0], imgs, imgs.device)
 
-    def mode(backend):
+    users_mlp = os.environ.get("MAE_FAST_MLP")  # the caller's setting, restored for the others
+
+    def mode(backend, mlp=users_mlp):
         def prepare():
+            if mlp is None:
+                os.environ.pop("MAE_FAST_MLP", None)
+            else:  # read per call by mae_fast.backends.choose (the env is in its cache key)
+                os.environ["MAE_FAST_MLP"] = mlp
             model.backend = backend
             model.set_attn_backend(None)  # follows backend: auto -> fused, reference -> math
         return prepare
@@ -107,6 +118,9 @@ def build_mae_fast(size, imgs) -> Dict[str, Contender]:
         "mae_fast": Contender("mae_fast", model, mode("auto"), step, f"backend=auto ({choices})"),
         "mae_fast-reference": Contender("mae_fast-reference", model, mode("reference"), step,
                                         "backend=reference (official op sequence, math attention)"),
+        "mae_fast-gemm": Contender("mae_fast-gemm", model, mode("auto", "gemm"), step,
+                                   "backend=auto, MAE_FAST_MLP=gemm (opt-in Triton GEMMs; Triton "
+                                   "runs on CUDA only: elsewhere this is mae_fast)"),
     }
 
 
@@ -212,7 +226,7 @@ def build_all(size: str, batch: int, device, dtype=torch.float32, official_clone
               names=CONTENDERS) -> Dict[str, Union[Contender, Unavailable]]:
     imgs = images(size, batch, device, dtype)
     out: Dict[str, Union[Contender, Unavailable]] = {}
-    if {"mae_fast", "mae_fast-reference"} & set(names):
+    if {"mae_fast", "mae_fast-reference", "mae_fast-gemm"} & set(names):
         out.update(build_mae_fast(size, imgs))
     if "hf-vitmae" in names:
         out["hf-vitmae"] = build_hf(size, imgs)

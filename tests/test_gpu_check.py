@@ -37,6 +37,7 @@ def test_dry_run_writes_the_report(tmp_path):
         contenders = stages[name]["result"]["contenders"]
         assert contenders["mae_fast"]["median_ms"] > 0 and contenders["mae_fast"]["ratio_to_baseline"] == 1.0
     assert "mae_fast-reference" in stages["train_b16"]["result"]["contenders"]
+    assert "mae_fast-gemm" in stages["train_b16"]["result"]["contenders"]  # the opt-in path, measured
     ops = stages["ops"]["result"]["ops"]
     assert ops["decoder input"]["fast_impl"] == "c++" and ops["decoder input"]["fwd+bwd"]["fast"]["median_ms"] > 0
     assert "no fused implementation" in ops["masked loss"]["note"]  # Triton: not timed on CPU
