@@ -311,6 +311,16 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def _autocast_linear_casts(device_type: str, *tensors):
+    """The casts autocast makes for aten ``linear`` (a lower-precision op), made by hand where a
+    custom op replaces it (recorded by autograd, as autocast's are): under autocast every tensor
+    but None and float64 goes to the autocast dtype; unchanged outside autocast."""
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors)
+
+
 def _head_rows(g, impl: str):
     """A gradient of q / k / v in ``_split``'s layout -> (B*M, C): a view when its memory is
     (B, M, H, K) (flash and xformers write it so), a copy otherwise (e.g. CPU math)."""
@@ -415,10 +425,7 @@ def qkv_attention(x, qkv, num_heads: int, scale: float, *, backend: str = "auto"
                          f"got weight {tuple(weight.shape)}")
     if choose("attention", x.device, backend).impl == "math":  # the oracle: the plain path
         return attend(qkv(x), num_heads, scale, backend=backend)
-    dtype = _autocast_dtype(x.device.type)
-    if dtype is not None:  # autocast's casts, made here (recorded by autograd, as autocast's are)
-        cast = lambda t: t.to(dtype) if t is not None and t.dtype != torch.float64 else t  # noqa: E731
-        x, weight, bias = cast(x), cast(weight), cast(bias)
+    x, weight, bias = _autocast_linear_casts(x.device.type, x, weight, bias)
     wgrad_gemm = (choose("mlp", x.device, gemm_backend).impl == "triton"
                   and x.dtype == weight.dtype and x.dtype in WGRAD_GEMM_DTYPES)
     with _autocast_off(x.device.type):

@@ -188,12 +188,14 @@ class MaskedAutoencoderViT(nn.Module):
         stack = getattr(self, "fused_blocks", True) and not self.grad_checkpointing and all(
             type(blk) is Block and blk.fused_norm and not (blk._forward_hooks or blk._forward_pre_hooks)
             for blk in blocks)
-        if not stack or all(blk.stream_runs(x) for blk in blocks):
-            # (stream blocks: each residual add in a GEMM epilogue, nothing pending; the final
-            # norm without an add)
+        if not stack:
             for blk in blocks:
                 x = self._block(blk, x)
-            return norm(x) if not stack else ops.add_norm(x, None, norm, backend=self.backend)[1]
+            return norm(x)
+        if all(blk.stream_runs(x) for blk in blocks):  # each residual add in a GEMM epilogue
+            for blk in blocks:
+                x = blk.forward_stream(x)
+            return ops.add_norm(x, None, norm, backend=self.backend)[1]  # nothing pending
         pending = None
         for blk in blocks:
             x, pending = blk.forward_pending(x, pending)

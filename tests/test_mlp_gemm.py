@@ -586,6 +586,24 @@ def test_residual_ops_opcheck_and_meta(device):
     assert torch.ops.mae_fast.mlp_fc2(m(6, 16), m(6, 16), m(4, 16), None, m(6, 4)).dtype == torch.bfloat16
 
 
+def test_residual_op_bad_inputs_are_clear_errors():
+    """The kernel reads its operands by the shapes it is given: a mismatch is an error before
+    any launch, never an out-of-bounds read; mixed dtypes are F.linear's error, not a cast."""
+    a, w, b, res = torch.randn(5, 6), torch.randn(7, 6), torch.randn(7), torch.randn(5, 7)
+    with pytest.raises(ValueError, match=r"residual \(M, N\).*residual \(5, 6\)"):
+        torch.ops.mae_fast.linear_residual(a, w, b, torch.randn(5, 6))
+    with pytest.raises(ValueError, match=r"weight \(7, 5\)"):
+        torch.ops.mae_fast.linear_residual(a, torch.randn(7, 5), b, res)
+    with pytest.raises(ValueError, match=r"bias \(6,\)"):
+        torch.ops.mae_fast.linear_residual(a, w, torch.randn(6), res)
+    with pytest.raises(TypeError, match="share a dtype"):
+        torch.ops.mae_fast.linear_residual(a, w.bfloat16(), b, res)
+    x, w1 = torch.randn(5, 6), torch.randn(8, 6)
+    pre, act = mlp_ops.mlp_fc1_gelu(x, w1, None)
+    with pytest.raises(ValueError, match="residual"):  # fc2's residual epilogue: the same checks
+        torch.ops.mae_fast.mlp_fc2(act, pre, torch.randn(7, 8), None, torch.randn(4, 7))
+
+
 def test_residual_ops_torch_compile_fullgraph(gemm_mode, device):
     """linear_add and fused_mlp with a residual trace into one graph, forward and backward."""
     mlp = _mlp(8, 12, 8, torch.float32)

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from .. import attention
 from ..backends import Choice, check_backend, register_chooser, triton_probe
+from .patch_embed import check_same_device
 
 OP = "mlp"
 ENV = "MAE_FAST_MLP"
@@ -142,6 +143,18 @@ def _(act, pre, weight, bias, residual=None):
 
 
 def _linear_residual_body(a, weight, bias, residual):
+    """residual + F.linear(a, weight, bias) after the checks the kernel relies on (it reads
+    (M, K), (N, K), (N,) and (M, N) by those shapes: a mismatch would read out of bounds)."""
+    check_same_device(a=a, weight=weight, bias=bias, residual=residual)
+    if a.dim() != 2 or weight.dim() != 2 or weight.shape[1] != a.shape[1] \
+            or residual.shape != (a.shape[0], weight.shape[0]) \
+            or (bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError(f"linear with a residual: a (M, K), weight (N, K), bias (N,), residual (M, N), got a "
+                         f"{tuple(a.shape)}, weight {tuple(weight.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}, residual {tuple(residual.shape)}")
+    if weight.dtype != a.dtype or (bias is not None and bias.dtype != a.dtype):
+        raise TypeError(f"linear with a residual: a, weight and bias must share a dtype (as F.linear), got "
+                        f"{a.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}")
     if _triton_runs(a.device):
         from ..kernels import mlp_gemm
         return mlp_gemm.linear_residual(a, weight, bias,
@@ -325,11 +338,8 @@ def fused_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None):
     if fc1_weight.shape[1] != C or fc2_weight.shape[1] != fc1_weight.shape[0]:
         raise ValueError(f"MLP shapes do not chain: x (..., {C}), fc1 {tuple(fc1_weight.shape)}, "
                          f"fc2 {tuple(fc2_weight.shape)}")
-    dtype = attention._autocast_dtype(x.device.type)
-    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    if dtype is not None:  # autocast's casts (as for aten linear), made here and recorded by autograd
-        tensors = tuple(t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors)
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = tensors
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = attention._autocast_linear_casts(
+        x.device.type, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     with attention._autocast_off(x.device.type):
         pre, act = mlp_fc1_gelu(x.reshape(-1, C), fc1_weight, fc1_bias)  # (M, H) each
         if residual is None:
@@ -354,10 +364,7 @@ def linear_add(x, weight, bias, residual):
     K, N = x.shape[-1], weight.shape[0]
     if weight.shape[1] != K:
         raise ValueError(f"x (..., {K}) does not match weight {tuple(weight.shape)}")
-    dtype = attention._autocast_dtype(x.device.type)
-    if dtype is not None:
-        x, weight, bias = (t.to(dtype) if t is not None and t.dtype != torch.float64 else t
-                           for t in (x, weight, bias))
+    x, weight, bias = attention._autocast_linear_casts(x.device.type, x, weight, bias)
     with attention._autocast_off(x.device.type):
         out = linear_residual(x.reshape(-1, K), weight, bias, _rows(residual, x, N))  # (M, N)
     return out.view(*x.shape[:-1], N)
